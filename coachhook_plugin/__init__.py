@@ -1,0 +1,30 @@
+"""CoachHooK: consecutive batch model editing with hook layers (Li et al., 2024), as an EasyEdit plugin.
+
+    import coachhook_plugin            # registers "CoachHooK" with EasyEdit when easyeditor is importable
+    from coachhook_plugin import CoachHooKHyperParams, apply_coachhook_to_model
+"""
+from .hparams import CoachHooKHyperParams, HyperParamsError
+from .edit_requests import RequestError
+from .method import apply_coachhook_to_model, get_state, remove_coachhook
+from .stats import StatsError
+
+__all__ = ["CoachHooKHyperParams", "HyperParamsError", "RequestError", "StatsError", "apply_coachhook_to_model",
+           "get_state", "remove_coachhook", "register"]
+__version__ = "0.1.0"
+
+
+def register() -> bool:
+    """Register CoachHooK with whichever EasyEdit is importable (idempotent); False if there is none."""
+    try:
+        from .easyedit.registry import register as _register
+    except ImportError:
+        return False
+    return _register()
+
+
+try:
+    register()
+except Exception as _e:  # registration must never make `import coachhook_plugin` fail
+    import logging
+
+    logging.getLogger(__name__).debug("EasyEdit registration skipped: %s", _e)

@@ -1,0 +1,132 @@
+"""Edit requests: validation (all before any state changes) and tokenisation helpers.
+
+EasyEdit hands requests as dicts: {"prompt", "subject", "target_new" (str, or {"str": …} in ROME's
+format), "ground_truth", …}; the prompt contains the subject verbatim (or a "{}" where it goes).
+Texts are never passed through str.format, so prompts may contain braces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+class RequestError(ValueError):
+    """A request is malformed; nothing was edited."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    prompt: str  # full text, subject included
+    subject: str
+    target: str  # with a leading space, as MEMIT tokenises targets
+    subject_start: int  # character span of the subject inside `prompt`
+    case_id: Optional[object] = None
+
+    @property
+    def subject_end(self) -> int:
+        return self.subject_start + len(self.subject)
+
+
+def _text(value, what: str, i: int) -> str:
+    if isinstance(value, dict) and "str" in value:
+        value = value["str"]
+    if not isinstance(value, str):
+        raise RequestError(f"request {i}: {what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def prepare_requests(requests: Sequence[Dict]) -> List[EditRequest]:
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not requests:
+        raise RequestError("no requests given: pass at least one {'prompt', 'subject', 'target_new'} dict")
+    out, seen = [], set()
+    for i, r in enumerate(requests):
+        if not isinstance(r, dict):
+            raise RequestError(f"request {i}: expected a dict with 'prompt', 'subject', 'target_new', "
+                               f"got {type(r).__name__}")
+        for key in ("prompt", "subject", "target_new"):
+            if key not in r:
+                raise RequestError(f"request {i}: missing {key!r}")
+        prompt = _text(r["prompt"], "prompt", i)
+        subject = _text(r["subject"], "subject", i)
+        target = _text(r["target_new"], "target_new", i)
+        if not subject.strip():
+            raise RequestError(f"request {i}: subject is empty")
+        if not target.strip():
+            raise RequestError(f"request {i}: target_new is empty or whitespace; give the new object, e.g. ' Paris'")
+        if "{}" in prompt:
+            prompt = prompt.replace("{}", subject, 1)
+        start = prompt.find(subject)
+        if start < 0:
+            raise RequestError(f"request {i}: subject {subject!r} does not occur in prompt {prompt!r}; the "
+                               f"subject must appear verbatim (or write '{{}}' where it goes)")
+        truth = r.get("ground_truth")
+        if isinstance(truth, dict):
+            truth = truth.get("str")
+        if isinstance(truth, str) and truth.strip() and truth.strip() == target.strip():
+            raise RequestError(f"request {i}: target_new {target!r} equals the ground truth; nothing to edit")
+        if not target.startswith(" "):
+            target = " " + target
+        key = (prompt, subject, target)
+        if key in seen:
+            raise RequestError(f"request {i}: duplicate of an earlier request in the same batch ({prompt!r} -> "
+                               f"{target!r}); remove the duplicate")
+        seen.add(key)
+        out.append(EditRequest(prompt, subject, target, start, r.get("case_id")))
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenisation
+def fill_template(template: str, text: str) -> Tuple[str, int]:
+    """template with its '{}' replaced by text, and the character offset where text starts."""
+    at = template.index("{}")
+    return template[:at] + text + template[at + 2:], at
+
+
+def encode(tok, text: str) -> Tuple[List[int], Optional[List[Tuple[int, int]]]]:
+    """Token ids (with the tokenizer's usual special tokens) and character offsets when available."""
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    return list(tok(text)["input_ids"]), None
+
+
+def token_index_of_char(tok, text: str, char_end: int) -> Tuple[List[int], int]:
+    """ids of text and the index of the token holding character char_end − 1 (the subject's last char)."""
+    ids, offsets = encode(tok, text)
+    if offsets is not None:
+        for j, (a, b) in enumerate(offsets):
+            if a < char_end <= b and b > a:
+                return ids, j
+    # slow tokenizers (or odd offsets): MEMIT's rule, the length of the tokenised prefix minus one
+    prefix_ids = list(tok(text[:char_end])["input_ids"])
+    return ids, min(len(prefix_ids), len(ids)) - 1
+
+
+def target_ids(tok, target: str) -> List[int]:
+    ids = list(tok(target, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise RequestError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask; right padding keeps every position index where it was."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_id_of(tok) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tok, attr, None)
+        if v is not None:
+            return int(v)
+    return 0

@@ -1,0 +1,281 @@
+"""One batch of CoachHooK edits, end to end, and the editor state that persists between batches.
+
+Data flows one way: requests → values (model with validated hooks) → per layer: keys and residual
+(temporary hooks) → Δ → hook state → α pass → gate at inference. The base weights never change.
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .edit_requests import EditRequest, fill_template, pad_id_of, prepare_requests, token_index_of_char
+from .hook import TEMPORARY, VALIDATED, HookLayer
+from .hparams import CoachHooKHyperParams
+from .keys import compute_keys_and_hidden
+from .models import down_proj_shape, get_module, model_device, num_layers
+from .stats import load_second_moment, path_for
+from .update import accumulated_keys, hook_update
+from .values import compute_value, frozen
+
+STATE_ATTR = "_coachhook_state"
+MEMIT_TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
+
+
+class CoachHooKState:
+    """Everything CoachHooK adds to a model: one HookLayer per edited layer, the step count, templates.
+
+    Kept as a plain attribute (not a submodule) so the model's state_dict and parameters are unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module, hparams: CoachHooKHyperParams):
+        self.hparams = hparams
+        self.layers: Dict[int, HookLayer] = {}
+        self.step = 0  # number of batches written
+        self.context_templates: Optional[List[str]] = None
+        self.priors: Dict[int, torch.Tensor] = {}  # E[kkᵀ] per layer, read once
+        self._mask: Optional[torch.Tensor] = None
+        names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
+        for name in names:  # check every module before attaching anything
+            down_proj_shape(get_module(model, name))  # a clear TypeError for a non hook-able module
+        self._model_hook = model.register_forward_pre_hook(self._record_mask, with_kwargs=True)
+        for l, name in zip(hparams.layers, names):
+            module = get_module(model, name)
+            hook = HookLayer(name, module, hparams.alpha_z)
+            hook.mask_source = lambda: self._mask
+            hook.attach(module)
+            self.layers[l] = hook
+
+    # The gate's statistics should only see real tokens: the model's attention mask is recorded here
+    # (and set explicitly by our own passes) so hooks can drop padding from mean and std.
+    def _record_mask(self, module, args, kwargs):
+        if self.hparams.gate_ignore_padding:
+            m = kwargs.get("attention_mask")
+            self._mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+        return None
+
+    def set_mask(self, mask):
+        self._mask = mask if self.hparams.gate_ignore_padding else None
+
+    def set_mode(self, mode: str, layers: Sequence[int] = None):
+        for l in (self.layers if layers is None else layers):
+            self.layers[l].mode = mode
+
+    def detach(self):
+        for h in self.layers.values():
+            h.detach()
+        self._model_hook.remove()
+
+    def snapshot(self) -> dict:
+        """A deep copy of the mutable state (for exact roll-back of a batch)."""
+        return {"step": self.step,
+                "layers": {l: (h.delta.clone(), h.key_gram.clone(), h.alpha, h.num_keys, h.mode)
+                           for l, h in self.layers.items()}}
+
+    def restore(self, snap: dict) -> None:
+        self.step = snap["step"]
+        for l, (delta, gram, alpha, nk, mode) in snap["layers"].items():
+            h = self.layers[l]
+            h.delta.copy_(delta)
+            h.key_gram.copy_(gram)
+            h.alpha, h.num_keys, h.mode = alpha, nk, mode
+
+    def reset(self) -> None:
+        for h in self.layers.values():
+            h.delta.zero_()
+            h.key_gram.zero_()
+            h.alpha, h.num_keys, h.mode = float(self.hparams.alpha_z), 0, VALIDATED
+        self.step = 0
+
+
+def get_state(model) -> Optional[CoachHooKState]:
+    return getattr(model, STATE_ATTR, None)
+
+
+def remove_coachhook(model) -> None:
+    """Detach every hook: the model is the base model again, bit for bit."""
+    state = get_state(model)
+    if state is not None:
+        state.detach()
+        delattr(model, STATE_ATTR)
+
+
+def _same_layout(a: CoachHooKHyperParams, b: CoachHooKHyperParams) -> bool:
+    return list(a.layers) == list(b.layers) and a.rewrite_module_tmp == b.rewrite_module_tmp
+
+
+def ensure_state(model, hparams: CoachHooKHyperParams) -> CoachHooKState:
+    state = get_state(model)
+    if state is not None and not _same_layout(state.hparams, hparams):
+        raise ValueError(f"this model already carries CoachHooK hooks on layers {state.hparams.layers} "
+                         f"({state.hparams.rewrite_module_tmp}); call coachhook_plugin.remove_coachhook(model) "
+                         f"before editing with layers {hparams.layers}")
+    if state is None:
+        state = CoachHooKState(model, hparams)
+        object.__setattr__(model, STATE_ATTR, state)
+    state.hparams = hparams
+    return state
+
+
+# --------------------------------------------------------------------------- context templates
+def memit_context_templates(model, tok, seed: int = 0, length: int = 10, per_prefix: int = 1) -> List[str]:
+    """MEMIT's templates: "{}" plus short generations from five prefixes (top-k 5 sampling), seeded."""
+    templates = ["{}"]
+    device = model_device(model)
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        for prefix in MEMIT_TEMPLATE_PREFIXES:
+            ids = torch.tensor([tok(prefix)["input_ids"]], device=device)
+            for _ in range(per_prefix):
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
+                                     max_new_tokens=max(1, length - ids.shape[1]),
+                                     pad_token_id=pad_id_of(tok))
+                text = tok.decode(out[0], skip_special_tokens=True)
+                templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+    return templates
+
+
+# --------------------------------------------------------------------------- the batch
+def _prior(state: CoachHooKState, model, layer: int) -> torch.Tensor:
+    if layer not in state.priors:
+        hp = state.hparams
+        d_in = state.layers[layer].d_in
+        if hp.mom2_adjustment:
+            state.priors[layer] = load_second_moment(path_for(model, hp, hp.rewrite_module_tmp.format(layer)), d_in)
+        else:
+            state.priors[layer] = torch.eye(d_in, dtype=torch.float64)
+    return state.priors[layer]
+
+
+def compute_alpha_candidates(model, tok, state: CoachHooKState, requests: Sequence[EditRequest]) -> Dict[int, float]:
+    """α_c per layer: min over the batch of each edit prompt's max z (Eq. 19), outputs unchanged."""
+    device = model_device(model)
+    for h in state.layers.values():
+        h.observed_max_z = []
+    try:
+        with torch.no_grad():
+            for r in requests:  # one prompt per call: no padding can enter the statistics
+                ids = torch.tensor([tok(r.prompt)["input_ids"]], device=device)
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        cands = {}
+        for l, h in state.layers.items():
+            zs = torch.cat(h.observed_max_z) if h.observed_max_z else torch.empty(0)
+            zs = zs[torch.isfinite(zs)]  # σ = 0 or one token gives no z: ignored, never NaN
+            cands[l] = float(zs.min()) if zs.numel() else math.inf
+    finally:
+        for h in state.layers.values():
+            h.observed_max_z = None
+    return cands
+
+
+def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: CoachHooKHyperParams,
+                      state: CoachHooKState, progress=None) -> Dict[str, object]:
+    hp = hparams
+    layers = list(hp.layers)
+    z_block = hp.layer_module_tmp.format(layers[-1])
+    if state.context_templates is None:
+        state.context_templates = list(hp.context_templates) if hp.context_templates else \
+            memit_context_templates(model, tok, seed=hp.context_template_seed)
+    templates = state.context_templates
+    priors = {l: _prior(state, model, l) for l in layers}  # fail before any work if a file is missing
+
+    info: Dict[str, object] = {}
+    # 1. values on the model with the current validated hooks
+    state.set_mode(VALIDATED)
+    values = []
+    for r in (progress(requests, desc="CoachHooK values") if progress else requests):
+        values.append(compute_value(model, tok, r, hp, z_block, templates, set_mask=state.set_mask))
+    V = torch.stack(values, dim=1)  # (d × n)
+
+    # 2.–3. temporary hooks, then layer by layer: keys, residual share, Δ, accumulate, validate
+    state.set_mode(TEMPORARY)
+    residual_norms = {}
+    with frozen(model):
+        for i, l in enumerate(layers):
+            hook = state.layers[l]
+            K, H = compute_keys_and_hidden(model, tok, requests, templates, hook.module_name, z_block,
+                                           set_mask=state.set_mask)
+            R = (V - H.to(V.device)) / (len(layers) - i)
+            C = accumulated_keys(priors[l].to(K.device), hook.key_gram.to(K.device), K, hp.mom2_update_weight)
+            delta = hook_update(R, K, C)
+            hook.delta.add_(delta.to(hook.delta.device, torch.float32))
+            hook.key_gram.add_((K.double() @ K.double().t()).to(hook.key_gram.device))
+            hook.num_keys += K.shape[1]
+            hook.mode = VALIDATED
+            residual_norms[l] = float(R.norm())
+    info["residual_norms"] = residual_norms
+    info["values"] = V.detach().cpu()
+
+    # 4. α (Eq. 19): α_1 = α_z; α_s = min(α_{s−1}, α_c)
+    state.step += 1
+    cands = compute_alpha_candidates(model, tok, state, requests)
+    for l, h in state.layers.items():
+        if state.step > 1 and math.isfinite(cands[l]):
+            h.alpha = min(h.alpha, cands[l])
+    info["alpha_candidates"] = cands
+    info["alpha"] = {l: h.alpha for l, h in state.layers.items()}
+    return info
+
+
+class HookRestore(dict):
+    """EasyEdit's `weights_copy`: an empty dict (PyPI EasyEdit restores by iterating it: nothing to do,
+    since no base weight changed) that is also callable (GitHub EasyEdit's callable-restore protocol):
+    calling it reverts the hook state to what it was before the batch, exactly."""
+
+    def __init__(self, state: CoachHooKState, snapshot: dict):
+        super().__init__()
+        self._state, self._snapshot = state, snapshot
+
+    def __call__(self):
+        with torch.no_grad():
+            self._state.restore(self._snapshot)
+
+
+def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHooKHyperParams, copy: bool = False,
+                             return_orig_weights: bool = False, keep_original_weight: bool = False,
+                             **kwargs) -> Tuple[torch.nn.Module, HookRestore]:
+    """EasyEdit's apply contract. Repeated calls on one model are consecutive (hook state accumulates)
+    unless `hparams.consecutive` is false or EasyEdit asks to keep the original weights (single-round:
+    each batch starts from the base model). The batch is all-or-nothing: on any error the state is
+    exactly what it was before the call."""
+    if not isinstance(hparams, CoachHooKHyperParams):
+        raise TypeError(f"hparams must be CoachHooKHyperParams, got {type(hparams).__name__} "
+                        f"(alg_name {getattr(hparams, 'alg_name', None)!r})")
+    edit_requests = prepare_requests(requests)
+    hparams.validate()
+    hparams.validate_for_model(model)
+    _check_lengths(tok, edit_requests, hparams)
+    if copy:
+        model = copy_module.deepcopy(model)
+    existed = get_state(model) is not None
+    state = ensure_state(model, hparams)
+    snap = state.snapshot()
+    if not hparams.consecutive or keep_original_weight:
+        state.reset()  # single-round: every batch starts from the base model ...
+    restore_point = state.snapshot()  # ... and a restore returns there
+    progress = kwargs.get("progress", _default_progress)
+    try:
+        info = execute_coachhook(model, tok, edit_requests, hparams, state, progress=progress)
+    except BaseException:
+        state.restore(snap)
+        if not existed:
+            remove_coachhook(model)
+        raise
+    state.last_info = info
+    return model, HookRestore(state, restore_point)
+
+
+def _default_progress(it, desc=""):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, leave=False)
+
+
+def _check_lengths(tok, requests: Sequence[EditRequest], hparams) -> None:
+    for i, r in enumerate(requests):
+        n = len(tok(r.prompt)["input_ids"])
+        if n > hparams.max_length:
+            raise ValueError(f"request {i}: prompt is {n} tokens, longer than max_length={hparams.max_length}; "
+                             f"shorten it or raise max_length in the hparams")

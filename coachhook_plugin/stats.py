@@ -1,0 +1,133 @@
+"""Covariance statistics E[kkᵀ] of down-projection inputs, in EasyEdit's file format and path scheme.
+
+EasyEdit (`rome/layer_stats.py`) caches the uncentered second moment at
+    {stats_dir}/{model_name}/{dataset}_stats/{layer_name}_{dtype}_mom2_{n_samples}.npz
+with npz keys `mom2.mom2` (Σkkᵀ), `mom2.count`, `mom2.constructor`, `sample_size`; E[kkᵀ] = mom2 / count.
+Writing exactly that lets EasyEdit's MEMIT/ROME and CoachHooK share one file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence
+
+import numpy as np
+import torch
+
+from .models import get_module, model_device, model_name_for_stats
+
+
+class StatsError(FileNotFoundError):
+    pass
+
+
+def second_moment_path(stats_dir, model_name: str, dataset: str, layer_name: str, dtype: str,
+                       n_samples) -> Path:
+    suffix = "" if n_samples is None else f"_{n_samples}"
+    return Path(stats_dir) / model_name / f"{dataset}_stats" / f"{layer_name}_{dtype}_mom2{suffix}.npz"
+
+
+def path_for(model, hparams, layer_name: str) -> Path:
+    return second_moment_path(hparams.stats_dir, model_name_for_stats(model), hparams.mom2_dataset,
+                              layer_name, hparams.mom2_dtype, hparams.mom2_n_samples)
+
+
+def save_second_moment(path: Path, mom2_sum: torch.Tensor, count: int, n_samples) -> None:
+    """Write atomically (temp file + rename): an interrupted run never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{"mom2.constructor": np.array("easyeditor.util.runningstats.SecondMoment()"),
+                           "mom2.count": np.array(int(count)),
+                           "mom2.mom2": mom2_sum.cpu().numpy(),
+                           "sample_size": np.array(n_samples if n_samples is not None else -1)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_second_moment(path: Path, d_in: int) -> torch.Tensor:
+    """E[kkᵀ] as float64 (d_in × d_in); clear errors for a missing or wrong-shaped file."""
+    path = Path(path)
+    if not path.exists():
+        raise StatsError(
+            f"covariance statistics not found at {path}. Compute them (`coachhook stats --hparams <yaml> "
+            f"--corpus <text file>` or coachhook_plugin.stats.compute_second_moments), point stats_dir / "
+            f"mom2_dataset / mom2_n_samples at an existing EasyEdit stats file, or set mom2_adjustment: false")
+    with np.load(path) as data:
+        if "mom2.mom2" not in data or "mom2.count" not in data:
+            raise StatsError(f"{path} is not an EasyEdit second-moment file (needs keys mom2.mom2, mom2.count)")
+        mom2 = torch.from_numpy(np.asarray(data["mom2.mom2"], dtype=np.float64))
+        count = int(data["mom2.count"])
+    if mom2.shape != (d_in, d_in):
+        raise StatsError(f"{path} holds a {tuple(mom2.shape)} matrix, but the down-projection takes {d_in} "
+                         f"inputs; the file belongs to another model or layer: delete it or fix stats_dir")
+    if count <= 0:
+        raise StatsError(f"{path} has count {count}; recompute it")
+    return mom2 / count
+
+
+@torch.no_grad()
+def compute_second_moments(model, tok, texts: Iterable[str], layer_names: Sequence[str], max_length: int = 256,
+                           batch_size: int = 8, progress: bool = True) -> Dict[str, tuple]:
+    """Σkkᵀ and token count of the inputs of each named module over texts (pad tokens excluded)."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    sums: Dict[str, torch.Tensor] = {}
+    counts = {n: 0 for n in layer_names}
+    current = {}
+
+    def make_hook(name):
+        def pre(mod, args):
+            current[name] = args[0]
+        return pre
+
+    handles = [get_module(model, n).register_forward_pre_hook(make_hook(n)) for n in layer_names]
+    texts = [t for t in texts if t.strip()]
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc="covariance statistics", disable=not progress):
+            chunk = texts[start:start + batch_size]
+            seqs = [list(tok(t, truncation=True, max_length=max_length)["input_ids"]) for t in chunk]
+            from .edit_requests import pad_id_of, pad_right
+            ids, mask = pad_right(seqs, pad_id_of(tok), device)
+            model(input_ids=ids, attention_mask=mask)
+            keep = mask.bool().reshape(-1)
+            for n in layer_names:
+                feats = current[n].reshape(-1, current[n].shape[-1])[keep].double()
+                sums[n] = sums.get(n, 0) + feats.t() @ feats
+                counts[n] += int(keep.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (sums[n], counts[n]) for n in layer_names}
+
+
+def read_corpus(path, max_texts: int = None) -> List[str]:
+    """Paragraphs of a text file, or of every .txt file under a folder."""
+    path = Path(path)
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    texts: List[str] = []
+    for f in files:
+        for para in f.read_text(encoding="utf-8", errors="replace").split("\n"):
+            para = para.strip()
+            if len(para) > 40 and not para.startswith("="):
+                texts.append(para)
+                if max_texts and len(texts) >= max_texts:
+                    return texts
+    return texts
+
+
+def ensure_stats(model, tok, hparams, texts: Sequence[str], layer_names: Sequence[str] = None, **kw) -> List[Path]:
+    """Compute and write the statistics files hparams point at, skipping those that exist."""
+    layer_names = layer_names or [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
+    todo = [n for n in layer_names if not path_for(model, hparams, n).exists()]
+    if todo:
+        for n, (s, c) in compute_second_moments(model, tok, texts, todo, **kw).items():
+            save_second_moment(path_for(model, hparams, n), s, c, hparams.mom2_n_samples)
+    return [path_for(model, hparams, n) for n in layer_names]

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random GPT-2 / GPT-J / Llama models (built from configs, no downloads) and the
+real GPT-2 tokenizer from ../shared (tests that need it skip cleanly when shared/ is absent)."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("COACHHOOK_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+
+LAYOUTS = {
+    "gpt2": dict(rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layer_module_tmp="transformer.h.{}"),
+    "gptj": dict(rewrite_module_tmp="transformer.h.{}.mlp.fc_out", layer_module_tmp="transformer.h.{}"),
+    "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}"),
+}
+
+
+def shared_path(*parts) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not found: set COACHHOOK_SHARED to the shared data folder")
+    return p
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(shared_path("tokenizers", "gpt2")))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tiny(arch: str, vocab_size: int = 50257, seed: int = 0, n_layer: int = 4, hidden: int = 64):
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=hidden, n_layer=n_layer, n_head=4)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "gptj":
+        cfg = GPTJConfig(vocab_size=vocab_size, n_positions=128, n_embd=hidden, n_layer=n_layer, n_head=4,
+                         rotary_dim=8)
+        model = GPTJForCausalLM(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=128)
+        model = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.config._name_or_path = f"tiny-{arch}"
+    return model.eval()
+
+
+def tiny_hparams(arch: str, **over):
+    from coachhook_plugin import CoachHooKHyperParams
+
+    base = dict(model_name=f"tiny-{arch}", layers=[1, 2], **LAYOUTS[arch], mom2_adjustment=False,
+                mom2_update_weight=1.0, v_num_grad_steps=8, v_lr=0.5, context_templates=["{}", "Hello. {}"],
+                device="cpu", batch_size=4)
+    base.update(over)
+    return CoachHooKHyperParams(**base)
+
+
+@pytest.fixture(params=["gpt2", "gptj", "llama"])
+def arch(request):
+    return request.param
+
+
+FACTS = [
+    dict(prompt="The capital of Zorbia is", subject="Zorbia", target_new="Paris"),
+    dict(prompt="Alice Moreau works as a", subject="Alice Moreau", target_new="pilot"),
+    dict(prompt="The mother tongue of Kenji Tanabe is", subject="Kenji Tanabe", target_new="French"),
+    dict(prompt="Mount Kelvar is located in", subject="Mount Kelvar", target_new="Peru"),
+]
