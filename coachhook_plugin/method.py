@@ -220,17 +220,31 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
 
 
 class HookRestore(dict):
-    """EasyEdit's `weights_copy`: an empty dict (PyPI EasyEdit restores by iterating it: nothing to do,
-    since no base weight changed) that is also callable (GitHub EasyEdit's callable-restore protocol):
-    calling it reverts the hook state to what it was before the batch, exactly."""
+    """EasyEdit's `weights_copy` for a method that never changes a base weight.
 
-    def __init__(self, state: CoachHooKState, snapshot: dict):
+    It is an empty dict that is also callable, which serves both EasyEdit restore protocols:
+    - GitHub EasyEdit lists CoachHooK in CALLABLE_RESTORE_ALGS and calls `weights_copy()` when it rolls
+      back (non-sequential editing): the hook state returns exactly to what it was before the batch.
+    - PyPI EasyEdit iterates `weights_copy.items()` after every edit; that restores only when the caller
+      asked to keep the original weights (single-round), so repeated calls are otherwise consecutive.
+    A restore happens at most once (a stale handle never rolls back later batches).
+    """
+
+    def __init__(self, state: CoachHooKState, snapshot: dict, restore_on_items: bool = False):
         super().__init__()
-        self._state, self._snapshot = state, snapshot
+        self._state, self._snapshot, self._restore_on_items = state, snapshot, restore_on_items
+        self.restored = False
 
     def __call__(self):
-        with torch.no_grad():
-            self._state.restore(self._snapshot)
+        if not self.restored:
+            self.restored = True
+            with torch.no_grad():
+                self._state.restore(self._snapshot)
+
+    def items(self):
+        if self._restore_on_items:
+            self()
+        return super().items()
 
 
 def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHooKHyperParams, copy: bool = False,
@@ -264,7 +278,7 @@ def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHoo
             remove_coachhook(model)
         raise
     state.last_info = info
-    return model, HookRestore(state, restore_point)
+    return model, HookRestore(state, restore_point, restore_on_items=keep_original_weight)
 
 
 def _default_progress(it, desc=""):

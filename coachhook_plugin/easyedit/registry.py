@@ -1,0 +1,260 @@
+"""Registering editing methods with EasyEdit: the ONE place that touches EasyEdit's tables.
+
+EasyEdit dispatches on ``hparams.alg_name`` through module-level tables:
+
+* ``easyeditor.util.alg_dict.ALG_DICT`` (``name -> apply_fn``), star-imported by
+  ``easyeditor.editors.editor`` (same dict object, so it is mutated in place, never rebound);
+* ``BatchEditor.is_batchable_method`` (a hard-coded chain of comparisons, asserted by ``batch_edit``);
+* newer EasyEdit only: ``CALLABLE_RESTORE_ALGS`` (methods whose ``weights_copy`` is a restore callable);
+* the tokenizer padding side, which ``BaseEditor.__init__`` picks from a hard-coded method list.
+
+:func:`register_method` updates all of them (each only where this EasyEdit has it) and is idempotent.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+from . import compat
+
+LOG = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    apply_fn: Callable
+    hparams_cls: Optional[type]
+    batchable: bool
+    callable_restore: bool
+    padding_side: Optional[str]
+    dispatch_fn: Callable  # what ALG_DICT holds (apply_fn behind the restore adapter)
+
+
+_METHODS: Dict[str, MethodSpec] = {}
+_PREVIOUS_ALG: Dict[str, Any] = {}  # ALG_DICT entries we replaced, for unregister_method
+_ORIGINAL_IS_BATCHABLE: Dict[type, Any] = {}
+
+
+class RestoreHandle(dict):
+    """An *empty dict* that is also a restore callable.
+
+    Methods restored by a callable (hook-based editors such as CoachHooK, GRACE, WISE) return one from
+    ``apply_fn``; the two EasyEdit flavours consume ``weights_copy`` differently:
+
+    * newer EasyEdit (``CALLABLE_RESTORE_ALGS``) calls ``weights_copy()``;
+    * PyPI EasyEdit iterates ``weights_copy.items()`` and copies tensors back.
+
+    This object works with both: calling it or asking for ``.items()`` runs the restore function
+    (at most once) and, as a dict, it contributes no tensors. ``bool(handle)`` is True until restored.
+    """
+
+    def __init__(self, restore_fn: Callable[[], Any]):
+        super().__init__()
+        self._restore_fn = restore_fn
+        self.restored = False
+
+    def __call__(self):
+        if not self.restored:
+            self.restored = True
+            return self._restore_fn()
+        return None
+
+    def items(self):
+        self()
+        return super().items()
+
+    def __bool__(self):
+        return not self.restored
+
+    def __repr__(self):
+        return f"RestoreHandle({getattr(self._restore_fn, '__name__', self._restore_fn)!r}, restored={self.restored})"
+
+
+def as_weights_copy(restore: Any) -> Any:
+    """Normalise what an ``apply_fn`` returned as its second value for both EasyEdit flavours."""
+    if restore is None:
+        return {}
+    if isinstance(restore, dict):
+        return restore
+    if callable(restore):
+        return RestoreHandle(restore)
+    return restore
+
+
+def _dispatch_adapter(name: str, apply_fn: Callable) -> Callable:
+    @functools.wraps(apply_fn)
+    def dispatch(*args, **kwargs):
+        result = apply_fn(*args, **kwargs)
+        if isinstance(result, tuple) and len(result) == 2:
+            model, restore = result
+            return model, as_weights_copy(restore)
+        return result
+
+    dispatch.__coachhook_method__ = name
+    return dispatch
+
+
+def _alg_dicts():
+    """Every distinct ALG_DICT object EasyEdit's modules reference."""
+    seen = []
+    for modname in ("easyeditor.util.alg_dict", "easyeditor.editors.editor", "easyeditor.util"):
+        mod = sys.modules.get(modname) or compat._ee_module(modname)
+        table = getattr(mod, "ALG_DICT", None)
+        if isinstance(table, dict) and not any(table is t for t in seen):
+            seen.append(table)
+    return seen
+
+
+def _batch_editor_classes():
+    out = []
+    for modname in ("easyeditor.editors.batch_editor", "easyeditor.editors.editor", "easyeditor.editors"):
+        mod = sys.modules.get(modname) or compat._ee_module(modname)
+        cls = getattr(mod, "BatchEditor", None)
+        if cls is not None and cls not in out and hasattr(cls, "is_batchable_method"):
+            out.append(cls)
+    return out
+
+
+def _install_batchable_check() -> None:
+    for cls in _batch_editor_classes():
+        if cls in _ORIGINAL_IS_BATCHABLE:
+            continue
+        original = cls.__dict__.get("is_batchable_method")
+        original_fn = original.__func__ if isinstance(original, staticmethod) else cls.is_batchable_method
+
+        def is_batchable_method(alg_name: str, _orig=original_fn):
+            spec = _METHODS.get(alg_name)
+            if spec is not None:
+                return spec.batchable
+            return _orig(alg_name)
+
+        _ORIGINAL_IS_BATCHABLE[cls] = original
+        # Enum classes allow (re)binding non-member attributes
+        type.__setattr__(cls, "is_batchable_method", staticmethod(is_batchable_method))
+
+
+def _callable_restore_tables():
+    """(module, attribute) pairs holding a CALLABLE_RESTORE_ALGS collection (newer EasyEdit)."""
+    out = []
+    for modname in ("easyeditor.editors.utils", "easyeditor.editors.editor", "easyeditor.util.alg_dict"):
+        mod = sys.modules.get(modname) or compat._ee_module(modname)
+        if mod is not None and hasattr(mod, "CALLABLE_RESTORE_ALGS"):
+            out.append(mod)
+    return out
+
+
+def _set_callable_restore(name: str, enabled: bool) -> None:
+    for mod in _callable_restore_tables():
+        table = mod.CALLABLE_RESTORE_ALGS
+        if isinstance(table, set):
+            (table.add if enabled else table.discard)(name)
+        elif isinstance(table, list):
+            if enabled and name not in table:
+                table.append(name)
+            elif not enabled and name in table:
+                table.remove(name)
+        else:  # frozenset / tuple: rebind in this module
+            items = set(table)
+            (items.add if enabled else items.discard)(name)
+            mod.CALLABLE_RESTORE_ALGS = type(table)(items) if isinstance(table, (frozenset, tuple)) else items
+
+
+def register_method(name: str, apply_fn: Callable, hparams_cls: Optional[type] = None, batchable: bool = True,
+                    callable_restore: bool = True, padding_side: Optional[str] = None) -> bool:
+    """Make ``alg_name == name`` dispatch to ``apply_fn`` in EasyEdit's ``BaseEditor``.
+
+    ``apply_fn(model, tok, requests, hparams, copy=False, return_orig_weights=False,
+    keep_original_weight=False, **kwargs) -> (model, weights_copy)`` as for EasyEdit's own methods;
+    ``weights_copy`` may be a ``{param: tensor}`` dict, a restore callable (wrapped in a
+    :class:`RestoreHandle` so that both EasyEdit flavours can restore it) or None.
+
+    ``batchable``: allowed by ``batch_edit``. ``callable_restore``: listed in newer EasyEdit's
+    ``CALLABLE_RESTORE_ALGS``. ``padding_side``: 'left'/'right' forces the tokenizer padding side
+    when an editor for this method is built (None: EasyEdit's rule, i.e. left for decoder-only models).
+
+    Idempotent: registering the same name again replaces the entry without stacking wrappers.
+    Also installs the plugin's ``BaseEditor`` compatibility patches (:func:`compat.install`).
+    Returns True; raises ImportError when easyeditor is not importable.
+    """
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be None, 'left' or 'right', not {padding_side!r}")
+    compat.import_easyeditor()
+    compat.install()
+    old = _METHODS.get(name)
+    if old is not None and old.apply_fn is apply_fn:
+        dispatch = old.dispatch_fn
+    else:
+        dispatch = _dispatch_adapter(name, apply_fn)
+    _METHODS[name] = MethodSpec(name, apply_fn, hparams_cls, bool(batchable), bool(callable_restore),
+                                padding_side, dispatch)
+    for table in _alg_dicts():
+        current = table.get(name, _MISSING)
+        if name not in _PREVIOUS_ALG and getattr(current, "__coachhook_method__", None) != name:
+            _PREVIOUS_ALG[name] = current
+        table[name] = dispatch
+    _install_batchable_check()
+    _set_callable_restore(name, callable_restore)
+    LOG.debug("registered EasyEdit method %s -> %s", name, getattr(apply_fn, "__qualname__", apply_fn))
+    return True
+
+
+def unregister_method(name: str) -> None:
+    """Undo :func:`register_method` for ``name`` (restores a replaced ALG_DICT entry)."""
+    spec = _METHODS.pop(name, None)
+    if spec is None:
+        return
+    previous = _PREVIOUS_ALG.pop(name, _MISSING)
+    for table in _alg_dicts():
+        if previous is _MISSING:
+            table.pop(name, None)
+        else:
+            table[name] = previous
+    _set_callable_restore(name, False)
+
+
+def is_registered(name: str) -> bool:
+    return name in _METHODS and any(t.get(name) is _METHODS[name].dispatch_fn for t in _alg_dicts())
+
+
+def get_method(name: str) -> Optional[MethodSpec]:
+    return _METHODS.get(name)
+
+
+def hparams_class(name: str) -> Optional[type]:
+    spec = _METHODS.get(name)
+    return spec.hparams_cls if spec else None
+
+
+def padding_side_for(alg_name: str) -> Optional[str]:
+    spec = _METHODS.get(alg_name)
+    return spec.padding_side if spec else None
+
+
+def registered_methods() -> Dict[str, MethodSpec]:
+    return dict(_METHODS)
+
+
+def register() -> bool:
+    """Register CoachHooK with EasyEdit. Safe to call anywhere, any number of times.
+
+    Returns True when ``"CoachHooK"`` is dispatchable by EasyEdit afterwards; False (without raising)
+    when easyeditor is not importable or the CoachHooK method modules are not available yet.
+    """
+    if not compat.install():
+        LOG.debug("easyeditor is not importable: CoachHooK not registered with EasyEdit")
+        return False
+    try:
+        from coachhook_plugin.method import apply_coachhook_to_model
+        from coachhook_plugin.hparams import CoachHooKHyperParams
+    except ImportError as exc:
+        LOG.debug("CoachHooK method not available (%s): EasyEdit compatibility installed, CoachHooK "
+                  "not registered", exc)
+        return False
+    return register_method("CoachHooK", apply_coachhook_to_model, CoachHooKHyperParams, batchable=True,
+                           callable_restore=True, padding_side="right")

@@ -1,0 +1,85 @@
+"""Edit metrics as EasyEdit defines them, computed in batches on whatever state the model is in now.
+
+rewrite / rephrase accuracy: teacher-forced — the share of target tokens the model predicts (argmax) at
+each target position given the prompt and the target's previous tokens (EasyEdit's `compute_edit_quality`);
+locality: the share of those argmax tokens on the locality prompt + its answer that equal the pre-edit
+model's. Plus generative reliability: greedy decoding with the KV cache, does the output contain the target.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .edit_requests import pad_id_of, pad_right
+from .models import model_device
+
+
+def _join(tok, prompt: str, answer: str):
+    p = list(tok(prompt)["input_ids"])
+    a = list(tok(answer if answer.startswith(" ") else " " + answer, add_special_tokens=False)["input_ids"])
+    return p, a
+
+
+@torch.no_grad()
+def answer_predictions(model, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
+                       ) -> List[torch.Tensor]:
+    """Argmax token at each answer position (teacher forcing), one tensor per (prompt, answer)."""
+    device = model_device(model)
+    out: List[torch.Tensor] = []
+    for s in range(0, len(prompts), batch_size):
+        pairs = [_join(tok, p, a) for p, a in zip(prompts[s:s + batch_size], answers[s:s + batch_size])]
+        ids, mask = pad_right([p + a[:-1] for p, a in pairs], pad_id_of(tok), device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for i, (p, a) in enumerate(pairs):
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=device)
+            out.append(logits[i, pos].argmax(-1).cpu())
+    return out
+
+
+def token_accuracy(model, tok, prompts, answers, batch_size: int = 16) -> List[float]:
+    preds = answer_predictions(model, tok, prompts, answers, batch_size)
+    accs = []
+    for pred, (p, a) in zip(preds, (_join(tok, p, a) for p, a in zip(prompts, answers))):
+        accs.append(float((pred == torch.tensor(a)).float().mean()))
+    return accs
+
+
+def agreement(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> List[float]:
+    return [float((a == b).float().mean()) for a, b in zip(before, after)]
+
+
+@torch.no_grad()
+def generation_contains(model, tok, prompts, targets, max_new_tokens: int = 8) -> List[float]:
+    """Greedy decoding with the KV cache, one prompt at a time; 1.0 if the target string appears."""
+    device = model_device(model)
+    hits = []
+    for p, t in zip(prompts, targets):
+        ids = torch.tensor([tok(p)["input_ids"]], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok))
+        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        hits.append(1.0 if t.strip() and t.strip() in text else 0.0)
+    return hits
+
+
+def evaluate_records(model, tok, records: Sequence[Dict], locality_reference: Optional[List[torch.Tensor]] = None,
+                     generative: bool = False) -> Dict[str, float]:
+    """Mean reliability / generality / locality over CounterFact-style records on the current model."""
+    rel = token_accuracy(model, tok, [r["prompt"] for r in records], [r["target_new"] for r in records])
+    gen = token_accuracy(model, tok, [r["rephrase_prompt"] for r in records], [r["target_new"] for r in records])
+    res = {"reliability": sum(rel) / len(rel), "generality": sum(gen) / len(gen)}
+    if locality_reference is not None:
+        loc_now = answer_predictions(model, tok, [r["locality_prompt"] for r in records],
+                                     [r["locality_ground_truth"] for r in records])
+        loc = agreement(locality_reference, loc_now)
+        res["locality"] = sum(loc) / len(loc)
+    if generative:
+        g = generation_contains(model, tok, [r["prompt"] for r in records], [r["target_new"] for r in records])
+        res["generative_reliability"] = sum(g) / len(g)
+    return res
+
+
+def locality_reference(model, tok, records: Sequence[Dict]) -> List[torch.Tensor]:
+    return answer_predictions(model, tok, [r["locality_prompt"] for r in records],
+                              [r["locality_ground_truth"] for r in records])
