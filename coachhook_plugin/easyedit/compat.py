@@ -671,6 +671,10 @@ def load_model_and_tokenizer(name_or_path: str, hparams: Any = None, **model_kwa
     tokenizer has no pad token (as EasyEdit does)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from ..models import MODEL_ALIASES, resolve_model_path
+
+    alias = name_or_path if isinstance(name_or_path, str) and name_or_path.lower() in MODEL_ALIASES else None
+    name_or_path = resolve_model_path(name_or_path)  # 'smollm2-135m' → the cached local checkpoint
     config = AutoConfig.from_pretrained(name_or_path)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     if hparams is not None:
@@ -682,7 +686,9 @@ def load_model_and_tokenizer(name_or_path: str, hparams: Any = None, **model_kwa
     tok = AutoTokenizer.from_pretrained(name_or_path)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token_id = tok.eos_token_id
-    return model, tok
+    if alias is not None:  # statistics files are found under the alias, as for a hub id
+        model.config._name_or_path = alias
+    return model.eval(), tok
 
 
 def model_display_name(model) -> str:

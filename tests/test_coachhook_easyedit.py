@@ -1,0 +1,68 @@
+"""CoachHooK through EasyEdit's own BaseEditor (PyPI easyeditor, CPU, tiny GPT-2)."""
+import numpy as np
+import pytest
+import torch
+
+import coachhook_plugin
+from coachhook_plugin import CoachHooKHyperParams, get_state
+from conftest import FACTS, build_tiny, tiny_hparams
+
+easyedit = pytest.importorskip("coachhook_plugin.easyedit")
+
+
+@pytest.fixture
+def editor(gpt2_tok):
+    assert coachhook_plugin.register()
+    model = build_tiny("gpt2")
+    hp = tiny_hparams("gpt2", mom2_update_weight=1e-2, batch_size=2)
+    return easyedit.make_editor(hp, model=model, tok=gpt2_tok)
+
+
+def _lists(facts):
+    return dict(prompts=[f["prompt"] for f in facts], target_new=[f["target_new"] for f in facts],
+                subject=[f["subject"] for f in facts])
+
+
+def test_registered_in_easyedit_tables():
+    from easyeditor.editors.batch_editor import BatchEditor
+    from easyeditor.util.alg_dict import ALG_DICT
+
+    assert coachhook_plugin.register() and coachhook_plugin.register()  # idempotent
+    assert "CoachHooK" in ALG_DICT and BatchEditor.is_batchable_method("CoachHooK")
+
+
+def test_batch_edit_returns_easyedit_metrics_and_is_consecutive(editor):
+    metrics, model, _ = editor.batch_edit(**_lists(FACTS[:2]), rephrase_prompts=["Zorbia's capital is",
+                                                                                  "Alice Moreau's job is"])
+    assert len(metrics) == 2 and {"pre", "post", "case_id", "requested_rewrite"} <= set(metrics[0])
+    post = metrics[0]["post"]
+    assert "rewrite_acc" in post and "rephrase_acc" in post
+    state = get_state(editor.model)
+    assert state.step == 1
+    editor.batch_edit(**_lists(FACTS[2:]))
+    assert state.step == 2 and all(h.num_keys == 4 for h in state.layers.values())  # accumulated
+    out = easyedit.to_builtin(metrics)
+    assert isinstance(out[0]["post"]["rewrite_acc"][0], float)
+
+
+def test_edit_single_requests_are_consecutive_and_keep_original_weight_is_single_round(editor):
+    editor.edit(prompts=FACTS[0]["prompt"], target_new=FACTS[0]["target_new"], subject=FACTS[0]["subject"])
+    editor.edit(prompts=FACTS[1]["prompt"], target_new=FACTS[1]["target_new"], subject=FACTS[1]["subject"])
+    state = get_state(editor.model)
+    assert state.step == 2
+    before = {k: v.clone() for k, v in editor.model.state_dict().items()}
+    editor.edit(prompts=FACTS[2]["prompt"], target_new=FACTS[2]["target_new"], subject=FACTS[2]["subject"],
+                keep_original_weight=True)
+    # single-round: the edit started from the base model and was rolled back after evaluation
+    assert state.step == 0 and all(h.num_keys == 0 for h in state.layers.values())
+    assert all(torch.equal(v, before[k]) for k, v in editor.model.state_dict().items())
+
+
+def test_bad_request_through_easyedit_leaves_state(editor):
+    editor.batch_edit(**_lists(FACTS[:2]))
+    snap = get_state(editor.model).snapshot()
+    with pytest.raises(ValueError, match="empty or whitespace"):
+        editor.batch_edit(prompts=["The capital of Zorbia is"], target_new=["  "], subject=["Zorbia"])
+    after = get_state(editor.model).snapshot()
+    assert after["step"] == snap["step"]
+    assert all(torch.equal(after["layers"][l][0], snap["layers"][l][0]) for l in snap["layers"])
