@@ -40,7 +40,8 @@ class CoachHooKState:
         names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
         for name in names:  # check every module before attaching anything
             down_proj_shape(get_module(model, name))  # a clear TypeError for a non hook-able module
-        self._model_hook = model.register_forward_pre_hook(self._record_mask, with_kwargs=True)
+        self._model_hooks = [model.register_forward_pre_hook(self._record_mask, with_kwargs=True),
+                             model.register_forward_hook(self._forget_mask, always_call=True)]
         for l, name in zip(hparams.layers, names):
             module = get_module(model, name)
             hook = HookLayer(name, module, hparams.alpha_z)
@@ -56,6 +57,10 @@ class CoachHooKState:
             self._mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
         return None
 
+    def _forget_mask(self, module, args, output):
+        self._mask = None  # a later call of an inner module alone must not see a stale mask
+        return None
+
     def set_mask(self, mask):
         self._mask = mask if self.hparams.gate_ignore_padding else None
 
@@ -66,7 +71,8 @@ class CoachHooKState:
     def detach(self):
         for h in self.layers.values():
             h.detach()
-        self._model_hook.remove()
+        for handle in self._model_hooks:
+            handle.remove()
 
     def snapshot(self) -> dict:
         """A deep copy of the mutable state (for exact roll-back of a batch)."""

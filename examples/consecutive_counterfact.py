@@ -44,9 +44,8 @@ def ensure_statistics(editor, hp, corpus: Path):
 
 
 def run(hparams_path, n=30, batch=10, data=None, corpus=None, out=None):
+    import coachhook_plugin  # first: registers CoachHooK and makes `import easyeditor` work on a text-only set-up
     from easyeditor.evaluate import compute_edit_quality
-
-    import coachhook_plugin
     from coachhook_plugin.easyedit.compat import editing_context, make_editor, to_builtin
 
     data = Path(data or SHARED / "data/counterfact/counterfact-edit.json")

@@ -64,6 +64,17 @@ def tiny_hparams(arch: str, **over):
     return CoachHooKHyperParams(**base)
 
 
+@pytest.fixture(scope="session")
+def ee():
+    """PyPI easyeditor, imported through the plugin's guard (skips when it is not installed)."""
+    from coachhook_plugin.easyedit import compat
+
+    try:
+        return compat.import_easyeditor()
+    except ImportError as exc:
+        pytest.skip(f"easyeditor not importable: {exc}")
+
+
 @pytest.fixture(params=["gpt2", "gptj", "llama"])
 def arch(request):
     return request.param

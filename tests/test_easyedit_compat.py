@@ -16,14 +16,6 @@ from coachhook_plugin.easyedit import compat  # noqa: E402
 
 
 
-@pytest.fixture(scope="module")
-def ee():
-    try:
-        return compat.import_easyeditor()
-    except ImportError as exc:  # pragma: no cover - only without easyeditor
-        pytest.skip(f"easyeditor not importable: {exc}")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     with H.single_thread():

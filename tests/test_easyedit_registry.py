@@ -17,14 +17,6 @@ NAME = "DummyDelta"
 PARAM = "transformer.ln_f.bias"
 
 
-@pytest.fixture(scope="module")
-def ee():
-    try:
-        return compat.import_easyeditor()
-    except ImportError as exc:  # pragma: no cover
-        pytest.skip(f"easyeditor not importable: {exc}")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     with H.single_thread():

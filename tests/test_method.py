@@ -238,3 +238,28 @@ def test_non_hookable_module_is_refused(gpt2_tok):
         apply_coachhook_to_model(model, gpt2_tok, FACTS[:1], hp, **NOPROG)
     assert get_state(model) is None
     assert not model._forward_pre_hooks and not model.get_submodule("transformer.h.1.mlp.c_proj")._forward_hooks
+
+
+def test_gate_ignores_right_padding(gpt2_tok):
+    """A prompt scores the same alone and right-padded in a batch: pad tokens stay out of the z statistics."""
+    model = build_tiny("gpt2")
+    hp = tiny_hparams("gpt2", mom2_update_weight=1e-3)
+    apply_coachhook_to_model(model, gpt2_tok, FACTS[:2], hp, **NOPROG)
+    apply_coachhook_to_model(model, gpt2_tok, FACTS[2:], hp, **NOPROG)
+    state = get_state(model)
+    for h in state.layers.values():
+        h.alpha = 0.5  # low enough that the gate swaps some tokens
+    short = gpt2_tok(FACTS[0]["prompt"])["input_ids"]
+    long = gpt2_tok("An unrelated and much longer sentence that needs several more tokens than the other")["input_ids"]
+    ids = torch.full((2, len(long)), gpt2_tok.eos_token_id)
+    ids[0, :len(short)] = torch.tensor(short)
+    ids[1] = torch.tensor(long)
+    mask = (torch.arange(len(long))[None] < torch.tensor([[len(short)], [len(long)]])).long()
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([short])).logits[0]
+        padded = model(input_ids=ids, attention_mask=mask).logits[0, :len(short)]
+        hp.gate_ignore_padding = False  # the reference behaviour: pads enter mean and std
+        state.hparams.gate_ignore_padding = False
+        polluted = model(input_ids=ids, attention_mask=mask).logits[0, :len(short)]
+    assert torch.allclose(alone, padded, atol=1e-5)
+    assert not torch.allclose(alone, polluted, atol=1e-5)
