@@ -66,3 +66,23 @@ def test_bad_request_through_easyedit_leaves_state(editor):
     after = get_state(editor.model).snapshot()
     assert after["step"] == snap["step"]
     assert all(torch.equal(after["layers"][l][0], snap["layers"][l][0]) for l in snap["layers"])
+
+
+def test_from_hparams_yaml_loads_a_local_model_and_edits(tmp_path, gpt2_tok):
+    """The user's path: an hparams yaml naming a local checkpoint → BaseEditor.from_hparams → batch_edit."""
+    import yaml
+    from easyeditor import BaseEditor
+
+    assert coachhook_plugin.register()
+    ckpt = tmp_path / "tiny-gpt2"
+    build_tiny("gpt2").save_pretrained(ckpt)
+    gpt2_tok.save_pretrained(ckpt)
+    fields = tiny_hparams("gpt2", mom2_update_weight=1e-2, batch_size=2).to_dict()
+    fields["model_name"] = str(ckpt)
+    (tmp_path / "hp.yaml").write_text(yaml.safe_dump(fields))
+    hp = CoachHooKHyperParams.from_hparams(tmp_path / "hp.yaml")
+    editor = BaseEditor.from_hparams(hp)
+    assert isinstance(editor.model_name, str) and editor.model.device.type == "cpu"
+    metrics, model, _ = editor.batch_edit(**_lists(FACTS[:2]))
+    assert len(metrics) == 2 and "rewrite_acc" in metrics[0]["post"]
+    assert get_state(model).step == 1

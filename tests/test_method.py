@@ -263,3 +263,36 @@ def test_gate_ignores_right_padding(gpt2_tok):
         polluted = model(input_ids=ids, attention_mask=mask).logits[0, :len(short)]
     assert torch.allclose(alone, padded, atol=1e-5)
     assert not torch.allclose(alone, polluted, atol=1e-5)
+
+
+def test_every_layer_update_fits_its_residual_share_with_small_lambda(arch, gpt2_tok, monkeypatch):
+    model = build_tiny(arch)
+    hp = tiny_hparams(arch, layers=[0, 1, 2], mom2_update_weight=1e-5)
+    seen = []
+    real = method.hook_update
+
+    def spy(R, K, C):
+        delta = real(R, K, C)
+        seen.append((R.double(), K.double(), delta))
+        return delta
+
+    monkeypatch.setattr(method, "hook_update", spy)
+    apply_coachhook_to_model(model, gpt2_tok, FACTS, hp, **NOPROG)
+    assert len(seen) == 3
+    for R, K, delta in seen:  # W_h K moves by R on the batch's keys: ≥ 90 % of the residual is gone
+        assert (R - delta @ K).norm() <= 0.1 * R.norm()
+
+
+def test_half_precision_model_keeps_dtype_and_float32_master(gpt2_tok):
+    model = build_tiny("llama").to(torch.bfloat16)
+    hp = tiny_hparams("llama", mom2_update_weight=1e-2)
+    before = _logits(model, gpt2_tok)
+    apply_coachhook_to_model(model, gpt2_tok, FACTS[:2], hp, **NOPROG)
+    state = get_state(model)
+    assert all(h.delta.dtype == torch.float32 and h.key_gram.dtype == torch.float64 for h in state.layers.values())
+    assert all(torch.isfinite(h.delta).all() and h.delta.abs().sum() > 0 for h in state.layers.values())
+    state.set_mode(TEMPORARY)
+    out = _logits(model, gpt2_tok)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, before)
+    remove_coachhook(model)
+    assert torch.equal(_logits(model, gpt2_tok), before)
