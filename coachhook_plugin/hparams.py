@@ -51,6 +51,7 @@ class CoachHooKHyperParams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     v_loss_stop: float = 5e-2  # MEMIT stops optimising a value once its loss is below this
+    v_batched: bool = True  # optimise a batch's values together (same result as one at a time, faster)
 
     # --- λ·E[kkᵀ] (covariance statistics, EasyEdit's file scheme) ---
     mom2_adjustment: bool = True

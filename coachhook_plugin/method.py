@@ -18,7 +18,7 @@ from .keys import compute_keys_and_hidden
 from .models import down_proj_shape, get_module, model_device, num_layers
 from .stats import load_second_moment, path_for
 from .update import accumulated_keys, hook_update
-from .values import compute_value, frozen
+from .values import compute_value, compute_values, frozen
 
 STATE_ATTR = "_coachhook_state"
 MEMIT_TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -190,10 +190,11 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
     info: Dict[str, object] = {}
     # 1. values on the model with the current validated hooks
     state.set_mode(VALIDATED)
-    values = []
-    for r in (progress(requests, desc="CoachHooK values") if progress else requests):
-        values.append(compute_value(model, tok, r, hp, z_block, templates, set_mask=state.set_mask))
-    V = torch.stack(values, dim=1)  # (d × n)
+    if hp.v_batched:
+        V = compute_values(model, tok, requests, hp, z_block, templates, set_mask=state.set_mask)  # (d × n)
+    else:
+        V = torch.stack([compute_value(model, tok, r, hp, z_block, templates, set_mask=state.set_mask)
+                         for r in (progress(requests, desc="CoachHooK values") if progress else requests)], dim=1)
 
     # 2.–3. temporary hooks, then layer by layer: keys, residual share, Δ, accumulate, validate
     state.set_mode(TEMPORARY)

@@ -31,22 +31,24 @@ def gpt2_tok():
     return tok
 
 
-def build_tiny(arch: str, vocab_size: int = 50257, seed: int = 0, n_layer: int = 4, hidden: int = 64):
+def build_tiny(arch: str, vocab_size: int = 50257, seed: int = 0, n_layer: int = 4, hidden: int = 64,
+               init_range: float = 0.02):
     from transformers import (GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, LlamaConfig,
                               LlamaForCausalLM)
 
     torch.manual_seed(seed)
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=hidden, n_layer=n_layer, n_head=4)
+        cfg = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=hidden, n_layer=n_layer, n_head=4,
+                         initializer_range=init_range)
         model = GPT2LMHeadModel(cfg)
     elif arch == "gptj":
         cfg = GPTJConfig(vocab_size=vocab_size, n_positions=128, n_embd=hidden, n_layer=n_layer, n_head=4,
-                         rotary_dim=8)
+                         rotary_dim=8, initializer_range=init_range)
         model = GPTJForCausalLM(cfg)
     elif arch == "llama":
         cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                           num_hidden_layers=n_layer, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=128)
+                          max_position_embeddings=128, initializer_range=init_range)
         model = LlamaForCausalLM(cfg)
     else:
         raise ValueError(arch)
