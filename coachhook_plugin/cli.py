@@ -21,7 +21,12 @@ def _stats(args) -> int:
         hp.stats_dir = args.stats_dir
     model, tok = load_model_and_tokenizer(args.model or hp.model_name)
     hp.validate_for_model(model)
-    texts = read_corpus(args.corpus, max_texts=hp.mom2_n_samples)
+    if args.corpus:
+        texts = read_corpus(args.corpus, max_texts=hp.mom2_n_samples)
+    else:  # offline default: the model's own text, seeded
+        from .stats import sample_texts
+
+        texts = sample_texts(model, tok, hp.mom2_n_samples, seed=args.seed)
     if not texts:
         print(f"no text found in {args.corpus}", file=sys.stderr)
         return 2
@@ -40,7 +45,9 @@ def main(argv=None) -> int:
     st = sub.add_parser("stats", help="compute λ's covariance statistics E[kkᵀ] from a local text corpus, "
                                       "in EasyEdit's file format (skips files that exist)")
     st.add_argument("--hparams", required=True, help="a CoachHooK (or MEMIT-compatible) hparams yaml")
-    st.add_argument("--corpus", required=True, help="a text file, or a folder of .txt files")
+    st.add_argument("--corpus", default=None,
+                    help="a text file, or a folder of .txt files (default: text sampled from the model, seeded)")
+    st.add_argument("--seed", type=int, default=0, help="seed for sampled text")
     st.add_argument("--model", default=None, help="override hparams model_name")
     st.add_argument("--n-samples", type=int, default=None, help="paragraphs to use (default: mom2_n_samples)")
     st.add_argument("--stats-dir", default=None, help="override hparams stats_dir")

@@ -134,6 +134,33 @@ def read_corpus(path, max_texts: int = None) -> List[str]:
     return texts
 
 
+@torch.no_grad()
+def sample_texts(model, tok, n: int, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
+                 progress: bool = True) -> List[str]:
+    """Text sampled from the model itself (the offline default when no corpus is given), seeded.
+
+    Generation starts from the tokenizer's BOS (or EOS) token and samples with temperature 1 and top-k 50;
+    the statistics then describe the keys the model produces on its own distribution of text."""
+    from tqdm.auto import tqdm
+
+    from .edit_requests import pad_id_of
+
+    device = model_device(model)
+    start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start_id is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from; give a corpus")
+    texts: List[str] = []
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, n, batch_size), desc="sampling text for statistics", disable=not progress):
+            b = min(batch_size, n - start)
+            ids = torch.full((b, 1), start_id, dtype=torch.long, device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=50,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok))
+            texts.extend(t for t in tok.batch_decode(out[:, 1:], skip_special_tokens=True))
+    return [t for t in texts if t.strip()]
+
+
 def ensure_stats(model, tok, hparams, texts: Sequence[str], layer_names: Sequence[str] = None, **kw) -> List[Path]:
     """Compute and write the statistics files hparams point at, skipping those that exist."""
     layer_names = layer_names or [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
