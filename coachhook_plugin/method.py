@@ -40,14 +40,18 @@ class CoachHooKState:
         names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
         for name in names:  # check every module before attaching anything
             down_proj_shape(get_module(model, name))  # a clear TypeError for a non hook-able module
+        for l, name in zip(hparams.layers, names):
+            hook = HookLayer(name, get_module(model, name), hparams.alpha_z)
+            hook.mask_source = lambda: self._mask
+            self.layers[l] = hook
+        self._model_hooks = []
+        self.attach(model)
+
+    def attach(self, model) -> None:
         self._model_hooks = [model.register_forward_pre_hook(self._record_mask, with_kwargs=True),
                              model.register_forward_hook(self._forget_mask, always_call=True)]
-        for l, name in zip(hparams.layers, names):
-            module = get_module(model, name)
-            hook = HookLayer(name, module, hparams.alpha_z)
-            hook.mask_source = lambda: self._mask
-            hook.attach(module)
-            self.layers[l] = hook
+        for h in self.layers.values():
+            h.attach(get_module(model, h.module_name))
 
     # The gate's statistics should only see real tokens: the model's attention mask is recorded here
     # (and set explicitly by our own passes) so hooks can drop padding from mean and std.
@@ -73,6 +77,7 @@ class CoachHooKState:
             h.detach()
         for handle in self._model_hooks:
             handle.remove()
+        self._model_hooks = []
 
     def snapshot(self) -> dict:
         """A deep copy of the mutable state (for exact roll-back of a batch)."""
@@ -106,6 +111,26 @@ def remove_coachhook(model) -> None:
     if state is not None:
         state.detach()
         delattr(model, STATE_ATTR)
+
+
+def copy_model(model):
+    """A deep copy of the model with its own, independent CoachHooK state (same hook weights, Σkkᵀ, α)."""
+    state = get_state(model)
+    if state is None:
+        return copy_module.deepcopy(model)
+    snap = state.snapshot()
+    state.detach()  # hooks hold references to the original modules: copy the model without them
+    delattr(model, STATE_ATTR)
+    try:
+        clone = copy_module.deepcopy(model)
+    finally:
+        state.attach(model)
+        object.__setattr__(model, STATE_ATTR, state)
+    twin = ensure_state(clone, state.hparams)
+    twin.restore(snap)
+    twin.context_templates = list(state.context_templates) if state.context_templates else None
+    twin.priors = dict(state.priors)
+    return clone
 
 
 def _same_layout(a: CoachHooKHyperParams, b: CoachHooKHyperParams) -> bool:
@@ -269,7 +294,7 @@ def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHoo
     hparams.validate_for_model(model)
     _check_lengths(tok, edit_requests, hparams)
     if copy:
-        model = copy_module.deepcopy(model)
+        model = copy_model(model)
     existed = get_state(model) is not None
     state = ensure_state(model, hparams)
     snap = state.snapshot()

@@ -296,3 +296,21 @@ def test_half_precision_model_keeps_dtype_and_float32_master(gpt2_tok):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and not torch.equal(out, before)
     remove_coachhook(model)
     assert torch.equal(_logits(model, gpt2_tok), before)
+
+
+def test_copy_true_edits_an_independent_copy(gpt2_tok):
+    model = build_tiny("gpt2")
+    hp = tiny_hparams("gpt2", mom2_update_weight=1e-2)
+    apply_coachhook_to_model(model, gpt2_tok, FACTS[:2], hp, **NOPROG)
+    snap = get_state(model).snapshot()
+    logits = _logits(model, gpt2_tok)
+    clone, _ = apply_coachhook_to_model(model, gpt2_tok, FACTS[2:], hp, copy=True, **NOPROG)
+    assert clone is not model
+    after = get_state(model).snapshot()  # the original is exactly as it was
+    assert after["step"] == 1 and all(torch.equal(after["layers"][l][0], snap["layers"][l][0]) for l in hp.layers)
+    assert torch.equal(_logits(model, gpt2_tok), logits)
+    twin = get_state(clone)  # the copy carries the first batch and the second
+    assert twin.step == 2 and all(h.num_keys == 4 for h in twin.layers.values())
+    remove_coachhook(clone)
+    remove_coachhook(model)
+    assert torch.equal(_logits(clone, gpt2_tok), _logits(model, gpt2_tok))
