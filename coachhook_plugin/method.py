@@ -216,7 +216,8 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
     # 1. values on the model with the current validated hooks
     state.set_mode(VALIDATED)
     if hp.v_batched:
-        V = compute_values(model, tok, requests, hp, z_block, templates, set_mask=state.set_mask)  # (d × n)
+        V = compute_values(model, tok, requests, hp, z_block, templates, set_mask=state.set_mask,
+                           progress=progress)  # (d × n)
     else:
         V = torch.stack([compute_value(model, tok, r, hp, z_block, templates, set_mask=state.set_mask)
                          for r in (progress(requests, desc="CoachHooK values") if progress else requests)], dim=1)
@@ -225,7 +226,7 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
     state.set_mode(TEMPORARY)
     residual_norms = {}
     with frozen(model):
-        for i, l in enumerate(layers):
+        for i, l in enumerate(progress(layers, desc="CoachHooK layers") if progress else layers):
             hook = state.layers[l]
             K, H = compute_keys_and_hidden(model, tok, requests, templates, hook.module_name, z_block,
                                            set_mask=state.set_mask)

@@ -136,7 +136,7 @@ def _head_logits(model, ids, mask, rows, pos):
 
 
 def compute_values(model, tok, requests: Sequence[EditRequest], hparams, layer_name: str,
-                   templates: Sequence[str], set_mask: Optional[Callable] = None) -> torch.Tensor:
+                   templates: Sequence[str], set_mask: Optional[Callable] = None, progress=None) -> torch.Tensor:
     """v for every request (d × n), all requests optimised together: one pass per step.
 
     Same objective, optimiser and stopping rule as `compute_value` per request: the deltas are
@@ -178,7 +178,8 @@ def compute_values(model, tok, requests: Sequence[EditRequest], hparams, layer_n
     handle = block.register_forward_hook(add_delta)
     try:
         with frozen(model):
-            for it in range(hparams.v_num_grad_steps):
+            steps = range(hparams.v_num_grad_steps)
+            for it in (progress(steps, desc=f"CoachHooK values ({n} edits)") if progress else steps):
                 sel = [s for r in active for s in range(r * per_req_seqs, (r + 1) * per_req_seqs)]
                 ids, mask = ids_all[sel], mask_all[sel]
                 width = int(mask.sum(1).max())
