@@ -22,27 +22,29 @@ def _join(tok, prompt: str, answer: str):
 
 
 @torch.no_grad()
-def answer_predictions(model, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
-                       ) -> List[torch.Tensor]:
-    """Argmax token at each answer position (teacher forcing), one tensor per (prompt, answer)."""
+def _predict(model, tok, pairs, batch_size: int) -> List[torch.Tensor]:
     device = model_device(model)
     out: List[torch.Tensor] = []
-    for s in range(0, len(prompts), batch_size):
-        pairs = [_join(tok, p, a) for p, a in zip(prompts[s:s + batch_size], answers[s:s + batch_size])]
-        ids, mask = pad_right([p + a[:-1] for p, a in pairs], pad_id_of(tok), device)
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        ids, mask = pad_right([p + a[:-1] for p, a in chunk], pad_id_of(tok), device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        for i, (p, a) in enumerate(pairs):
+        for i, (p, a) in enumerate(chunk):
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=device)
             out.append(logits[i, pos].argmax(-1).cpu())
     return out
 
 
+def answer_predictions(model, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
+                       ) -> List[torch.Tensor]:
+    """Argmax token at each answer position (teacher forcing), one tensor per (prompt, answer)."""
+    return _predict(model, tok, [_join(tok, p, a) for p, a in zip(prompts, answers)], batch_size)
+
+
 def token_accuracy(model, tok, prompts, answers, batch_size: int = 16) -> List[float]:
-    preds = answer_predictions(model, tok, prompts, answers, batch_size)
-    accs = []
-    for pred, (p, a) in zip(preds, (_join(tok, p, a) for p, a in zip(prompts, answers))):
-        accs.append(float((pred == torch.tensor(a)).float().mean()))
-    return accs
+    pairs = [_join(tok, p, a) for p, a in zip(prompts, answers)]
+    preds = _predict(model, tok, pairs, batch_size)
+    return [float((pred == torch.tensor(a)).float().mean()) for pred, (_, a) in zip(preds, pairs)]
 
 
 def agreement(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> List[float]:

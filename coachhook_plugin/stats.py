@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Sequence
 import numpy as np
 import torch
 
+from .edit_requests import pad_id_of, pad_right
 from .models import get_module, model_device, model_name_for_stats
 
 
@@ -99,7 +100,6 @@ def compute_second_moments(model, tok, texts: Iterable[str], layer_names: Sequen
         for start in tqdm(range(0, len(texts), batch_size), desc="covariance statistics", disable=not progress):
             chunk = texts[start:start + batch_size]
             seqs = [list(tok(t, truncation=True, max_length=max_length)["input_ids"]) for t in chunk]
-            from .edit_requests import pad_id_of, pad_right
             ids, mask = pad_right(seqs, pad_id_of(tok), device)
             current.clear()
             try:
@@ -142,8 +142,6 @@ def sample_texts(model, tok, n: int, max_new_tokens: int = 128, seed: int = 0, b
     Generation starts from the tokenizer's BOS (or EOS) token and samples with temperature 1 and top-k 50;
     the statistics then describe the keys the model produces on its own distribution of text."""
     from tqdm.auto import tqdm
-
-    from .edit_requests import pad_id_of
 
     device = model_device(model)
     start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id

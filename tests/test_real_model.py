@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_smollm2_thirty_consecutive_counterfact_edits(tmp_path):
     shared_path("data", "counterfact", "counterfact-edit.json")
     sys.path.insert(0, str(REPO / "examples"))
-    from consecutive_counterfact import run
+    from consecutive_easyedit import run
 
     result = run(REPO / "hparams/CoachHooK/smollm2-135m.yaml", n=30, batch=10, out=tmp_path / "r.json")
     assert result["pre"]["rewrite_acc"] < 0.5  # the facts really were counterfactual

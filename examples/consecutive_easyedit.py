@@ -1,8 +1,8 @@
 """Consecutive batch editing of CounterFact records through EasyEdit's own BaseEditor, scored with EasyEdit's
 own `compute_edit_quality` on the model state *after the last batch* (all edits at once, paper Table 2).
 
-    python examples/consecutive_counterfact.py --hparams hparams/CoachHooK/smollm2-135m.yaml --n 30 --batch 10
-    python examples/consecutive_counterfact.py --hparams hparams/MEMIT/smollm2-135m.yaml --n 30 --batch 10
+    python examples/consecutive_easyedit.py --hparams hparams/CoachHooK/smollm2-135m.yaml --n 30 --batch 10
+    python examples/consecutive_easyedit.py --hparams hparams/MEMIT/smollm2-135m.yaml --n 30 --batch 10
 
 Statistics for λ·E[kkᵀ] are computed from the local WikiText-2 text first when missing (no download).
 """
