@@ -10,7 +10,7 @@ Modes:
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -64,6 +64,21 @@ class HookLayer(torch.nn.Module):
     @property
     def d_in(self) -> int:
         return self.delta.shape[1]
+
+    # ---------------------------------------------------------------- state (for save/load, undo)
+    # The contract persistence relies on: `state_tensors()` are every tensor of the layer's state (saved with
+    # safetensors), `extra_state()` everything else as JSON-able values; `load_state` puts both back exactly.
+    def state_tensors(self) -> Dict[str, torch.Tensor]:
+        return {"delta": self.delta, "key_gram": self.key_gram}
+
+    def extra_state(self) -> Dict[str, Any]:
+        return {"alpha": float(self.alpha), "num_keys": int(self.num_keys), "mode": self.mode}
+
+    def load_state(self, tensors: Dict[str, torch.Tensor], extra: Dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, t in tensors.items():
+                getattr(self, name).copy_(t)
+        self.alpha, self.num_keys, self.mode = float(extra["alpha"]), int(extra["num_keys"]), extra["mode"]
 
     def attach(self, module: torch.nn.Module) -> None:
         if self.handle is None:

@@ -82,16 +82,13 @@ class CoachHooKState:
     def snapshot(self) -> dict:
         """A deep copy of the mutable state (for exact roll-back of a batch)."""
         return {"step": self.step,
-                "layers": {l: (h.delta.clone(), h.key_gram.clone(), h.alpha, h.num_keys, h.mode)
+                "layers": {l: ({k: t.clone() for k, t in h.state_tensors().items()}, dict(h.extra_state()))
                            for l, h in self.layers.items()}}
 
     def restore(self, snap: dict) -> None:
         self.step = snap["step"]
-        for l, (delta, gram, alpha, nk, mode) in snap["layers"].items():
-            h = self.layers[l]
-            h.delta.copy_(delta)
-            h.key_gram.copy_(gram)
-            h.alpha, h.num_keys, h.mode = alpha, nk, mode
+        for l, (tensors, extra) in snap["layers"].items():
+            self.layers[l].load_state(tensors, extra)
 
     def reset(self) -> None:
         for h in self.layers.values():

@@ -88,3 +88,14 @@ FACTS = [
     dict(prompt="The mother tongue of Kenji Tanabe is", subject="Kenji Tanabe", target_new="French"),
     dict(prompt="Mount Kelvar is located in", subject="Mount Kelvar", target_new="Peru"),
 ]
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Two CoachHooKState snapshots are equal: step, every state tensor bit for bit, α, key count, mode."""
+    if a["step"] != b["step"] or a["layers"].keys() != b["layers"].keys():
+        return False
+    for l in a["layers"]:
+        (ta, ea), (tb, eb) = a["layers"][l], b["layers"][l]
+        if ea != eb or ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k]) for k in ta):
+            return False
+    return True

@@ -5,7 +5,7 @@ import torch
 
 import coachhook_plugin
 from coachhook_plugin import CoachHooKHyperParams, get_state
-from conftest import FACTS, build_tiny, tiny_hparams
+from conftest import FACTS, build_tiny, same_state, tiny_hparams
 
 easyedit = pytest.importorskip("coachhook_plugin.easyedit")
 
@@ -64,8 +64,7 @@ def test_bad_request_through_easyedit_leaves_state(editor):
     with pytest.raises(ValueError, match="empty or whitespace"):
         editor.batch_edit(prompts=["The capital of Zorbia is"], target_new=["  "], subject=["Zorbia"])
     after = get_state(editor.model).snapshot()
-    assert after["step"] == snap["step"]
-    assert all(torch.equal(after["layers"][l][0], snap["layers"][l][0]) for l in snap["layers"])
+    assert same_state(after, snap)
 
 
 def test_from_hparams_yaml_loads_a_local_model_and_edits(tmp_path, gpt2_tok):

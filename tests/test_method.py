@@ -11,7 +11,7 @@ from coachhook_plugin import (HyperParamsError, RequestError, apply_coachhook_to
 from coachhook_plugin.hook import TEMPORARY
 from coachhook_plugin.keys import compute_keys_and_hidden
 from coachhook_plugin.edit_requests import prepare_requests
-from conftest import FACTS, build_tiny, tiny_hparams
+from conftest import FACTS, build_tiny, same_state, tiny_hparams
 
 NOPROG = dict(progress=None)
 
@@ -160,10 +160,7 @@ def test_restore_callable_reverts_the_batch_exactly(gpt2_tok):
     assert dict(restore) == {}  # PyPI EasyEdit iterates it: no base weight to put back
     restore()  # GitHub EasyEdit calls it
     after = state.snapshot()
-    assert after["step"] == snap["step"]
-    for l in hp.layers:
-        assert torch.equal(after["layers"][l][0], snap["layers"][l][0])
-        assert torch.equal(after["layers"][l][1], snap["layers"][l][1])
+    assert same_state(after, snap)
     assert torch.equal(_logits(model, gpt2_tok), logits)
 
 
@@ -188,7 +185,7 @@ def test_bad_request_clear_error_and_state_unchanged(gpt2_tok, bad, message):
         apply_coachhook_to_model(model, gpt2_tok, [FACTS[2], bad], hp, **NOPROG)
     after = get_state(model).snapshot()
     assert after["step"] == snap["step"]
-    assert all(torch.equal(after["layers"][l][0], snap["layers"][l][0]) for l in hp.layers)
+    assert same_state(after, snap)
 
 
 def test_duplicate_requests_rejected(gpt2_tok):
@@ -216,7 +213,7 @@ def test_failure_mid_batch_rolls_back(gpt2_tok, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         apply_coachhook_to_model(model, gpt2_tok, FACTS[2:], hp, **NOPROG)
     after = get_state(model).snapshot()
-    assert all(torch.equal(after["layers"][l][0], snap["layers"][l][0]) for l in hp.layers)
+    assert same_state(after, snap)
     assert after["step"] == snap["step"]
 
 
@@ -307,7 +304,7 @@ def test_copy_true_edits_an_independent_copy(gpt2_tok):
     clone, _ = apply_coachhook_to_model(model, gpt2_tok, FACTS[2:], hp, copy=True, **NOPROG)
     assert clone is not model
     after = get_state(model).snapshot()  # the original is exactly as it was
-    assert after["step"] == 1 and all(torch.equal(after["layers"][l][0], snap["layers"][l][0]) for l in hp.layers)
+    assert after["step"] == 1 and same_state(after, snap)
     assert torch.equal(_logits(model, gpt2_tok), logits)
     twin = get_state(clone)  # the copy carries the first batch and the second
     assert twin.step == 2 and all(h.num_keys == 4 for h in twin.layers.values())
