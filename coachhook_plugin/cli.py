@@ -38,6 +38,18 @@ def _stats(args) -> int:
     return 0
 
 
+def _demo_arguments(p):
+    from .demo import add_arguments
+
+    add_arguments(p)
+
+
+def _demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="coachhook", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +65,9 @@ def main(argv=None) -> int:
     st.add_argument("--stats-dir", default=None, help="override hparams stats_dir")
     st.add_argument("--max-length", type=int, default=256, help="tokens per paragraph")
     st.set_defaults(func=_stats)
+    dm = sub.add_parser("demo", help="CoachHooK vs EasyEdit's MEMIT on built-in edits, default model, offline")
+    _demo_arguments(dm)
+    dm.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -86,18 +86,48 @@ def _gguf_path() -> "Path":
     return path
 
 
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded or converted; the message says what to do."""
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
 def default_model_dir(progress: bool = True) -> "Path":
     """A regular HF checkpoint of SmolLM2-135M-Instruct, converted from the GGUF once and cached.
 
     The conversion (~20 s) writes to a temporary folder renamed into place, so an interrupted run never
     leaves a half-written cache behind."""
+    import errno
     import os
     import shutil
     import tempfile
 
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").exists():
+    if target.exists():
+        missing = [f for f in CHECKPOINT_FILES if not (target / f).exists()]
+        if missing:
+            raise ModelLoadError(f"the model cache {target} is incomplete (no {', '.join(missing)}); "
+                                 f"delete it (rm -rf '{target}') and run again to rebuild it")
         return target
+    try:
+        return _convert_default_model(target, progress)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ModelLoadError(f"not enough disk space to write the model cache in {target.parent} (it needs "
+                                 f"about 600 MB while converting); free some space or point COACHHOOK_CACHE "
+                                 f"at another disk") from exc
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise ModelLoadError(f"cannot write the model cache in {target.parent} ({exc.strerror}); set "
+                                 f"COACHHOOK_CACHE to a writable folder") from exc
+        raise
+
+
+def _convert_default_model(target, progress: bool):
+    import os
+    import shutil
+    import tempfile
+
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = _gguf_path()
@@ -131,16 +161,34 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _load_error(name, path, exc: BaseException) -> ModelLoadError:
+    import os
+
+    if isinstance(name, str) and name.lower() in MODEL_ALIASES:
+        return ModelLoadError(f"the cached default model in {path} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it (rm -rf '{path}') "
+                              f"and run again to rebuild it")
+    if os.path.isdir(str(path)):
+        return ModelLoadError(f"{path} is a folder but not a loadable Hugging Face checkpoint "
+                              f"({type(exc).__name__}); check it has config.json and the weights")
+    return ModelLoadError(f"unknown model {name!r}: not an alias ({', '.join(sorted(MODEL_ALIASES))}), not a local "
+                          f"folder, and not in the Hugging Face cache (no model hub here); use "
+                          f"'{DEFAULT_MODEL}' or a path to a checkpoint")
+
+
 def load_model_and_tokenizer(name: str = DEFAULT_MODEL, dtype=torch.float32, device=None):
     """(model, tokenizer) for an alias, hub id or local path; AutoTokenizer always (LlamaTokenizer mis-tokenises
     SmolLM2), pad token = eos when missing, model in eval mode with `_name_or_path` set to `name`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as exc:  # OSError, SafetensorError, ValueError, ...: all mean "cannot load this"
+        raise _load_error(name, path, exc) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.config._name_or_path = name if isinstance(name, str) and name.lower() in MODEL_ALIASES else path
     if device is not None:
         model.to(device)

@@ -159,11 +159,15 @@ def sample_texts(model, tok, n: int, max_new_tokens: int = 128, seed: int = 0, b
     return [t for t in texts if t.strip()]
 
 
-def ensure_stats(model, tok, hparams, texts: Sequence[str], layer_names: Sequence[str] = None, **kw) -> List[Path]:
-    """Compute and write the statistics files hparams point at, skipping those that exist."""
+def ensure_stats(model, tok, hparams, texts, layer_names: Sequence[str] = None, **kw) -> List[Path]:
+    """Compute and write the statistics files hparams point at, skipping those that exist.
+
+    `texts`: a sequence of strings, or a callable returning one (called only if a file is missing)."""
     layer_names = layer_names or [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
     todo = [n for n in layer_names if not path_for(model, hparams, n).exists()]
     if todo:
+        if callable(texts):  # produced only when needed (sampling text from the model is not free)
+            texts = texts()
         for n, (s, c) in compute_second_moments(model, tok, texts, todo, **kw).items():
             save_second_moment(path_for(model, hparams, n), s, c, hparams.mom2_n_samples)
     return [path_for(model, hparams, n) for n in layer_names]

@@ -121,6 +121,69 @@ def compute_value(model, tok, request: EditRequest, hparams, layer_name: str, te
 
 
 # ----------------------------------------------------------------------------- the batched fast path
+class _Enough(Exception):
+    """Raised once the cached block has run: the blocks above it need not."""
+
+
+class LowerBlocksCache:
+    """Run blocks 0..L once, then replay: block L returns its cached output, the blocks below it pass through.
+
+    δ is added at block L's output, so nothing up to and including block L depends on it: every optimisation
+    step would recompute the same activations. Replaying them skips (L+1)/N of each step's forward. The
+    output structure (a tensor in transformers 5, a tuple before) is copied from the real pass.
+    """
+
+    def __init__(self, model, block_names: Sequence[str]):
+        self.model = model
+        self.blocks = [get_module(model, n) for n in block_names]
+        self.output = None  # (B, T, d) of the top block, for the sequences of `fill`
+        self.structure = {}  # id(block) → (is_tuple, tail)
+        self.select = None
+
+    @torch.no_grad()
+    def fill(self, ids, mask):
+        def record(mod, args, out):
+            self.structure[id(mod)] = (isinstance(out, tuple), tuple(out[1:]) if isinstance(out, tuple) else ())
+            if mod is self.blocks[-1]:
+                self.output = (out[0] if isinstance(out, tuple) else out).detach()
+                raise _Enough
+        handles = [b.register_forward_hook(record) for b in self.blocks]
+        try:
+            self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Enough:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _wrap(self, block, hidden):
+        is_tuple, tail = self.structure[id(block)]
+        return (hidden,) + tail if is_tuple else hidden
+
+    @contextmanager
+    def replaying(self, rows: torch.Tensor):
+        """Within: a forward over the sequences `rows` of `fill` (same order, any width ≤ the filled one)."""
+        def passthrough(block):
+            def forward(*args, **kwargs):
+                return self._wrap(block, args[0] if args else kwargs["hidden_states"])
+            return forward
+
+        def top(block):
+            def forward(*args, **kwargs):
+                h = args[0] if args else kwargs["hidden_states"]
+                return self._wrap(block, self.output[rows, :h.shape[1]])
+            return forward
+
+        for b in self.blocks[:-1]:
+            b.forward = passthrough(b)
+        self.blocks[-1].forward = top(self.blocks[-1])
+        try:
+            yield
+        finally:
+            for b in self.blocks:
+                del b.forward  # the class's forward again
+
+
 def _head_logits(model, ids, mask, rows, pos):
     """Logits only at (rows, pos): the base model's final hidden states through the output embedding.
 
@@ -130,9 +193,15 @@ def _head_logits(model, ids, mask, rows, pos):
     head = model.get_output_embeddings()
     special = any(getattr(model.config, a, None) for a in ("final_logit_softcapping", "logit_scale"))
     if head is None or special or getattr(model, "base_model", None) is model:
-        return model(input_ids=ids, attention_mask=mask).logits[rows, pos]
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, pos]
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return head(hidden[rows, pos])
+
+
+def _blocks_up_to(hparams, layer_name: str) -> List[str]:
+    """Names of blocks 0..L where block L is `layer_name` (an instance of hparams.layer_module_tmp)."""
+    top = next(i for i in range(10_000) if hparams.layer_module_tmp.format(i) == layer_name)
+    return [hparams.layer_module_tmp.format(i) for i in range(top + 1)]
 
 
 def compute_values(model, tok, requests: Sequence[EditRequest], hparams, layer_name: str,
@@ -175,6 +244,10 @@ def compute_values(model, tok, requests: Sequence[EditRequest], hparams, layer_n
         h = h + add.to(h.dtype)
         return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
+    lower = LowerBlocksCache(model, _blocks_up_to(hparams, layer_name))
+    if set_mask is not None:
+        set_mask(mask_all)
+    lower.fill(ids_all, mask_all)
     handle = block.register_forward_hook(add_delta)
     try:
         with frozen(model):
@@ -199,8 +272,9 @@ def compute_values(model, tok, requests: Sequence[EditRequest], hparams, layer_n
                 kl_pos = [per[r][1][-1] for r in active]
                 if set_mask is not None:
                     set_mask(mask)
-                logits = _head_logits(model, ids, mask, torch.tensor(q_rows + kl_rows, device=device),
-                                      torch.tensor(q_pos + kl_pos, device=device)).float()
+                with lower.replaying(torch.tensor(sel, device=device)):
+                    logits = _head_logits(model, ids, mask, torch.tensor(q_rows + kl_rows, device=device),
+                                          torch.tensor(q_pos + kl_pos, device=device)).float()
                 n_q = len(q_rows)
                 log_probs = torch.log_softmax(logits[:n_q], dim=-1)
                 nll_tok = -log_probs.gather(1, torch.tensor(q_tok, device=device)[:, None]).squeeze(1)

@@ -41,7 +41,7 @@ import threading
 import types
 from dataclasses import asdict, is_dataclass
 from pathlib import PurePath
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -620,6 +620,29 @@ def editing_context(force_cpu: bool = False) -> Iterator[None]:
             yield
     finally:
         _ctx_state.depth = 0
+
+
+@contextlib.contextmanager
+def memit_context_templates(templates: Sequence[str]) -> Iterator[None]:
+    """Make EasyEdit's MEMIT (and its relatives that share `memit_main`) use these context templates.
+
+    EasyEdit generates MEMIT's templates once per process with the model itself and caches them in a module
+    global; there is no hparams field for them. Comparing methods fairly needs the same templates on both
+    sides, so the cache is set for the duration (``templates[0]`` must be "{}", grouped as EasyEdit does:
+    the raw prompt alone, then the rest) and put back afterwards."""
+    if not templates or templates[0] != "{}":
+        raise ValueError("the first context template must be the raw prompt '{}'")
+    memit_main = _ee_module("easyeditor.models.memit.memit_main")
+    if memit_main is None or not hasattr(memit_main, "CONTEXT_TEMPLATES_CACHE"):
+        raise ImportError("this EasyEdit has no easyeditor.models.memit.memit_main.CONTEXT_TEMPLATES_CACHE; "
+                          "run MEMIT with its own templates (drop the templates argument)")
+    grouped = [["{}"]] + ([list(templates[1:])] if len(templates) > 1 else [])
+    saved = memit_main.CONTEXT_TEMPLATES_CACHE
+    memit_main.CONTEXT_TEMPLATES_CACHE = grouped
+    try:
+        yield
+    finally:
+        memit_main.CONTEXT_TEMPLATES_CACHE = saved
 
 
 _LOG_DIR: Optional[str] = None
