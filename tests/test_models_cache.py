@@ -99,3 +99,21 @@ def test_unknown_model_name(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(models.ModelLoadError, match="unknown model 'no-such/model-xyz'.*smollm2-135m"):
         models.load_model_and_tokenizer("no-such/model-xyz")
+
+
+def test_alias_resolves_through_easyedit_base_editor(fake_gguf, ee, gpt2_tok):
+    """hparams `model_name: smollm2-135m` → EasyEdit's BaseEditor gets the cached checkpoint (PyPI EasyEdit
+    alone only knows names containing 'gpt'/'llama'/'t5') and edits it with CoachHooK."""
+    from coachhook_plugin import get_state
+    from conftest import FACTS, tiny_hparams
+
+    tiny, calls, _ = fake_gguf
+    hp = tiny_hparams("llama", model_name="smollm2-135m", mom2_update_weight=1e-2)
+    editor = ee.BaseEditor.from_hparams(hp)
+    assert calls["model"] == 1 and editor.model_name == "smollm2-135m"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(editor.model(input_ids=ids).logits, tiny(input_ids=ids).logits, atol=1e-5)
+    editor.batch_edit(prompts=[f["prompt"] for f in FACTS[:2]], target_new=[f["target_new"] for f in FACTS[:2]],
+                      subject=[f["subject"] for f in FACTS[:2]], keep_original_weight=False, verbose=False)
+    assert get_state(editor.model).step == 1
