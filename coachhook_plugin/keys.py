@@ -40,6 +40,21 @@ def capture(model: torch.nn.Module, inputs_of: Sequence[str] = (), outputs_of: S
             h.remove()
 
 
+class _Enough(Exception):
+    """Raised once the deepest module needed has run: the blocks above it need not."""
+
+
+@contextmanager
+def _stop_after(module: torch.nn.Module):
+    def stop(mod, args, out):
+        raise _Enough
+    handle = module.register_forward_hook(stop)  # registered last: runs after the capturing hooks
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def template_texts(requests: Sequence[EditRequest], templates: Sequence[str], tok):
     """For every (request, template): token ids and the subject's last-token index."""
     seqs, idxs = [], []
@@ -67,8 +82,11 @@ def compute_keys_and_hidden(model, tok, requests: Sequence[EditRequest], templat
     if set_mask is not None:
         set_mask(mask)
     try:
-        with capture(model, inputs_of=[key_module], outputs_of=[hidden_module]) as store:
-            model(input_ids=ids, attention_mask=mask)
+        with capture(model, inputs_of=[key_module], outputs_of=[hidden_module]) as store, \
+                _stop_after(get_module(model, hidden_module)):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Enough:
+        pass  # nothing above the value layer is needed
     finally:
         if set_mask is not None:
             set_mask(None)

@@ -135,12 +135,13 @@ def read_corpus(path, max_texts: int = None) -> List[str]:
 
 
 @torch.no_grad()
-def sample_texts(model, tok, n: int, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 8,
+def sample_texts(model, tok, n: int, max_new_tokens: int = 128, seed: int = 0, batch_size: int = 32,
                  progress: bool = True) -> List[str]:
     """Text sampled from the model itself (the offline default when no corpus is given), seeded.
 
     Generation starts from the tokenizer's BOS (or EOS) token and samples with temperature 1 and top-k 50;
-    the statistics then describe the keys the model produces on its own distribution of text."""
+    the statistics then describe the keys the model produces on its own distribution of text. Batches of 32:
+    one cached decoding step costs nearly the same for 8 or 32 sequences on a CPU, so wider is faster."""
     from tqdm.auto import tqdm
 
     device = model_device(model)
