@@ -7,9 +7,11 @@ from .hparams import CoachHooKHyperParams, HyperParamsError
 from .edit_requests import RequestError
 from .method import apply_coachhook_to_model, get_state, remove_coachhook
 from .stats import StatsError
+from .persistence import PersistenceError, UndoError, load_coachhook, save_coachhook, undo_coachhook
 
 __all__ = ["CoachHooKHyperParams", "HyperParamsError", "RequestError", "StatsError", "apply_coachhook_to_model",
-           "get_state", "remove_coachhook", "register"]
+           "get_state", "remove_coachhook", "register", "save_coachhook", "load_coachhook", "undo_coachhook",
+           "PersistenceError", "UndoError"]
 __version__ = "0.1.0"
 
 

@@ -50,6 +50,22 @@ def _demo(args) -> int:
     return demo_main(args)
 
 
+def _edit(args) -> int:
+    from .persistence import edit_run
+    from .stats import StatsError
+
+    try:
+        progress = edit_run(args.hparams, args.data, args.out, num_edits=args.num_edits, batch_size=args.batch_size,
+                            model_name=args.model, resume=args.resume,
+                            log=lambda line: print(line, flush=True))
+    except (ValueError, StatsError, FileNotFoundError) as e:  # RequestError, HyperParamsError, RunError, …
+        print(f"coachhook edit: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{progress['batches_done']}/{progress['total_batches']} batches, {progress['num_edits']} edits: "
+          f"{args.out}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="coachhook", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +84,16 @@ def main(argv=None) -> int:
     dm = sub.add_parser("demo", help="CoachHooK vs EasyEdit's MEMIT on built-in edits, default model, offline")
     _demo_arguments(dm)
     dm.set_defaults(func=_demo)
+    ed = sub.add_parser("edit", help="apply a CounterFact/ZsRE data file consecutively in batches, with an atomic "
+                                     "checkpoint after every batch (--resume continues an interrupted run)")
+    ed.add_argument("--hparams", required=True, help="a CoachHooK hparams yaml")
+    ed.add_argument("--data", required=True, help="EasyEdit CounterFact or ZsRE (MEND format) JSON file")
+    ed.add_argument("--model", default=None, help="override hparams model_name")
+    ed.add_argument("--num-edits", type=int, default=None, help="use the first N records (default: all)")
+    ed.add_argument("--batch-size", type=int, default=None, help="edits per batch (default: hparams batch_size)")
+    ed.add_argument("--out", required=True, help="run folder: state.safetensors + progress.json")
+    ed.add_argument("--resume", action="store_true", help="continue the run in --out after its last checkpoint")
+    ed.set_defaults(func=_edit)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -37,12 +37,26 @@ def _text(value, what: str, i: int) -> str:
     return value
 
 
+def _truths(value, i: int) -> List[str]:
+    """The ground truth(s) of a request: absent, a string, ROME's {"str": …}, or a list (ZsRE's answers)."""
+    if value is None:
+        return []
+    if isinstance(value, dict) and "str" in value:
+        value = value["str"]
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if not isinstance(v, str):
+            raise RequestError(f"request {i}: ground_truth must be a string (or a list of strings), got "
+                               f"{type(v).__name__}")
+    return list(values)
+
+
 def prepare_requests(requests: Sequence[Dict]) -> List[EditRequest]:
     if isinstance(requests, dict):
         requests = [requests]
     if not requests:
         raise RequestError("no requests given: pass at least one {'prompt', 'subject', 'target_new'} dict")
-    out, seen = [], set()
+    out, seen = [], {}
     for i, r in enumerate(requests):
         if not isinstance(r, dict):
             raise RequestError(f"request {i}: expected a dict with 'prompt', 'subject', 'target_new', "
@@ -63,19 +77,68 @@ def prepare_requests(requests: Sequence[Dict]) -> List[EditRequest]:
         if start < 0:
             raise RequestError(f"request {i}: subject {subject!r} does not occur in prompt {prompt!r}; the "
                                f"subject must appear verbatim (or write '{{}}' where it goes)")
-        truth = r.get("ground_truth")
-        if isinstance(truth, dict):
-            truth = truth.get("str")
-        if isinstance(truth, str) and truth.strip() and truth.strip() == target.strip():
-            raise RequestError(f"request {i}: target_new {target!r} equals the ground truth; nothing to edit")
+        for truth in _truths(r.get("ground_truth"), i):
+            if truth.strip() and truth.strip() == target.strip():
+                raise RequestError(f"request {i}: target_new {target!r} equals the ground truth; nothing to edit")
         if not target.startswith(" "):
             target = " " + target
-        key = (prompt, subject, target)
-        if key in seen:
+        key = (prompt, subject)
+        if key in seen and seen[key] == target:
             raise RequestError(f"request {i}: duplicate of an earlier request in the same batch ({prompt!r} -> "
                                f"{target!r}); remove the duplicate")
-        seen.add(key)
+        if key in seen:
+            raise RequestError(f"request {i}: conflicts with an earlier request in the same batch: same prompt "
+                               f"{prompt!r} and subject, but target {target!r} instead of {seen[key]!r}; keep one "
+                               f"target per fact")
+        seen[key] = target
         out.append(EditRequest(prompt, subject, target, start, r.get("case_id")))
+    return out
+
+
+# ----------------------------------------------------------------------------- data files
+def load_requests(path, num_edits: Optional[int] = None) -> List[Dict]:
+    """Edit requests from an EasyEdit data file (a JSON list), first `num_edits` records (all when None).
+
+    CounterFact (EasyEdit format): case_id, prompt, subject, target_new, ground_truth, rephrase_prompt,
+    locality_prompt, locality_ground_truth. ZsRE (MEND format): subject, src, alt, answers, rephrase, loc,
+    loc_ans. Each request gets EasyEdit's keys and "case_id" (the record's own, else its index in the file)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file {path} not found") from None
+    except ValueError as e:
+        raise RequestError(f"{path} is not a JSON file ({e}); give an EasyEdit CounterFact or ZsRE JSON list") from e
+    if not isinstance(records, list):
+        raise RequestError(f"{path} holds a JSON {type(records).__name__}; expected a list of edit records")
+    if num_edits is not None:
+        if int(num_edits) < 1:
+            raise RequestError(f"num_edits must be >= 1, got {num_edits}")
+        records = records[:int(num_edits)]
+    out: List[Dict] = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise RequestError(f"{path}: record {i} is a {type(r).__name__}, expected an object")
+        if "src" in r and "alt" in r:  # ZsRE, MEND format
+            answers = r.get("answers")
+            req = dict(prompt=r["src"], subject=r.get("subject"), target_new=r["alt"],
+                       ground_truth=answers[0] if isinstance(answers, list) and answers else answers,
+                       rephrase_prompt=r.get("rephrase"), locality_prompt=r.get("loc"),
+                       locality_ground_truth=r.get("loc_ans"))
+        elif "prompt" in r and "target_new" in r:  # CounterFact / EasyEdit format
+            req = {k: r.get(k) for k in ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
+                                         "locality_prompt", "locality_ground_truth")}
+        else:
+            raise RequestError(f"{path}: record {i} has keys {sorted(r)}; expected CounterFact's (prompt, subject, "
+                               f"target_new, ...) or ZsRE's (src, subject, alt, answers, ...)")
+        req["case_id"] = r.get("case_id", i)
+        out.append(req)
+    ids = [q["case_id"] for q in out]
+    if len(set(map(repr, ids))) != len(ids):
+        raise RequestError(f"{path}: case_id values repeat; every record needs its own case_id (or none at all)")
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -69,6 +70,7 @@ class CoachHooKHyperParams:
     context_templates: Optional[List[str]] = None  # None: MEMIT's generated templates ("{}" + 5 × 10 tokens)
     context_template_seed: int = 0
     verbose: bool = False
+    undo_depth: int = 1  # batches undo_coachhook can take back; each costs one full copy of the hook state
 
     def __post_init__(self):
         self.validate()
@@ -139,6 +141,10 @@ class CoachHooKHyperParams:
             tmp = getattr(self, name)
             if not isinstance(tmp, str) or tmp.count("{}") != 1:
                 fail(name, f"must be a module name with one '{{}}' for the layer index, got {tmp!r}")
+        for name in ("mom2_update_weight", "alpha_z"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                fail(name, f"must be a number, got {v!r} ({type(v).__name__})")
         if not self.mom2_update_weight > 0:
             fail("mom2_update_weight", f"λ must be > 0 (paper: 15000 consecutive, 5000 single-round), "
                                        f"got {self.mom2_update_weight}")
@@ -152,6 +158,11 @@ class CoachHooKHyperParams:
             fail("v_num_grad_steps", "must be >= 1")
         if int(self.batch_size) < 1:
             fail("batch_size", "must be >= 1")
+        if isinstance(self.undo_depth, float) and self.undo_depth.is_integer():
+            self.undo_depth = int(self.undo_depth)  # "2" in a yaml arrives as 2.0 (see from_dict)
+        if isinstance(self.undo_depth, bool) or not isinstance(self.undo_depth, int) or self.undo_depth < 0:
+            fail("undo_depth", f"must be an integer >= 0 (batches that can be undone; 0 keeps no journal), "
+                               f"got {self.undo_depth!r}")
         if self.context_templates is not None:
             if not self.context_templates or any(not isinstance(t, str) or t.count("{}") != 1
                                                  for t in self.context_templates):

@@ -34,8 +34,10 @@ class CoachHooKState:
         self.hparams = hparams
         self.layers: Dict[int, HookLayer] = {}
         self.step = 0  # number of batches written
+        self.journal: List[dict] = []  # undo: snapshot from before each recent batch, newest last (≤ undo_depth)
         self.context_templates: Optional[List[str]] = None
         self.priors: Dict[int, torch.Tensor] = {}  # E[kkᵀ] per layer, read once
+        self.prior_sources: Dict[int, str] = {}  # the file (or 'identity') each prior was read from
         self._mask: Optional[torch.Tensor] = None
         names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
         for name in names:  # check every module before attaching anything
@@ -167,13 +169,15 @@ def memit_context_templates(model, tok, seed: int = 0, length: int = 10, per_pre
 
 # --------------------------------------------------------------------------- the batch
 def _prior(state: CoachHooKState, model, layer: int) -> torch.Tensor:
-    if layer not in state.priors:
-        hp = state.hparams
+    hp = state.hparams
+    source = str(path_for(model, hp, hp.rewrite_module_tmp.format(layer))) if hp.mom2_adjustment else "identity"
+    if layer not in state.priors or state.prior_sources.get(layer) != source:  # re-read when the hparams moved
         d_in = state.layers[layer].d_in
         if hp.mom2_adjustment:
             state.priors[layer] = load_second_moment(path_for(model, hp, hp.rewrite_module_tmp.format(layer)), d_in)
         else:
             state.priors[layer] = torch.eye(d_in, dtype=torch.float64)
+        state.prior_sources[layer] = source
     return state.priors[layer]
 
 
@@ -264,12 +268,16 @@ class HookRestore(dict):
         super().__init__()
         self._state, self._snapshot, self._restore_on_items = state, snapshot, restore_on_items
         self.restored = False
+        self.journal_entry = None  # this batch's undo-journal entry, dropped when the batch is rolled back
 
     def __call__(self):
         if not self.restored:
             self.restored = True
             with torch.no_grad():
                 self._state.restore(self._snapshot)
+            journal = getattr(self._state, "journal", None)
+            if journal and journal[-1] is self.journal_entry:
+                journal.pop()  # the batch is gone: undo must not count it
 
     def items(self):
         if self._restore_on_items:
@@ -294,6 +302,7 @@ def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHoo
     if copy:
         model = copy_model(model)
     existed = get_state(model) is not None
+    old_hparams = get_state(model).hparams if existed else None
     state = ensure_state(model, hparams)
     snap = state.snapshot()
     if not hparams.consecutive or keep_original_weight:
@@ -306,9 +315,15 @@ def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHoo
         state.restore(snap)
         if not existed:
             remove_coachhook(model)
+        else:
+            state.hparams = old_hparams  # the failed call's hparams (gate settings …) do not stay either
         raise
     state.last_info = info
-    return model, HookRestore(state, restore_point, restore_on_items=keep_original_weight)
+    state.journal.append(snap)  # undo journal: the state from before this batch, at most undo_depth kept
+    del state.journal[:max(0, len(state.journal) - int(hparams.undo_depth))]
+    handle = HookRestore(state, restore_point, restore_on_items=keep_original_weight)
+    handle.journal_entry = snap
+    return model, handle
 
 
 def _default_progress(it, desc=""):
