@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 ALG_NAME = "CoachHooK"
-GATES = ("paper",)
+GATES = ("paper", "calibrated")  # see coachhook_plugin.hook: per-sequence z (Eq. 18) or z against reference statistics
 FACT_TOKENS = ("subject_last", "last")
 
 
@@ -65,7 +65,9 @@ class CoachHooKHyperParams:
     # --- CoachHooK ---
     alpha_z: float = 2.2
     consecutive: bool = True
-    gate: str = "paper"
+    gate: str = "paper"  # "paper": z over the tokens of each sequence (Eq. 18); "calibrated": z against M's
+    # mean/std on unedited calibration prompts, per token (works with a KV cache, any length, any padding)
+    gate_calibration_prompts: Optional[List[str]] = None  # None: hook.DEFAULT_CALIBRATION_PROMPTS (32 sentences)
     gate_ignore_padding: bool = True  # exclude pad tokens from the gate's statistics (the reference does not)
     context_templates: Optional[List[str]] = None  # None: MEMIT's generated templates ("{}" + 5 × 10 tokens)
     context_template_seed: int = 0
@@ -151,7 +153,16 @@ class CoachHooKHyperParams:
         if not self.alpha_z > 0:
             fail("alpha_z", f"α_z must be > 0 (paper: 2.2), got {self.alpha_z}")
         if self.gate not in GATES:
-            fail("gate", f"must be one of {GATES}, got {self.gate!r}")
+            fail("gate", f"must be one of {GATES} ('paper': z over each sequence's own tokens, Eq. 18; "
+                         f"'calibrated': z against statistics of unedited text, works in cached generation), "
+                         f"got {self.gate!r}")
+        if self.gate_calibration_prompts is not None:
+            p = self.gate_calibration_prompts
+            if (not isinstance(p, (list, tuple)) or len(p) < 2
+                    or any(not isinstance(t, str) or not t.strip() for t in p)):
+                fail("gate_calibration_prompts", "must be a list of at least two non-empty strings of unedited "
+                                                 "text (the calibrated gate's reference), or null for the "
+                                                 "built-in prompts")
         if self.fact_token not in FACT_TOKENS:
             fail("fact_token", f"must be one of {FACT_TOKENS}, got {self.fact_token!r}")
         if int(self.v_num_grad_steps) < 1:

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import copy as copy_module
 import math
+import os
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .edit_requests import EditRequest, fill_template, pad_id_of, prepare_requests, token_index_of_char
-from .hook import TEMPORARY, VALIDATED, HookLayer
+from .hook import CALIBRATED, DEFAULT_CALIBRATION_PROMPTS, GATES, PAPER, TEMPORARY, VALIDATED, HookLayer
 from .hparams import CoachHooKHyperParams
 from .keys import compute_keys_and_hidden
 from .models import down_proj_shape, get_module, model_device, num_layers
 from .stats import load_second_moment, path_for
-from .update import accumulated_keys, hook_update
+from .update import accumulated_keys_for, hook_update
 from .values import compute_value, compute_values, frozen
 
 STATE_ATTR = "_coachhook_state"
@@ -43,7 +45,7 @@ class CoachHooKState:
         for name in names:  # check every module before attaching anything
             down_proj_shape(get_module(model, name))  # a clear TypeError for a non hook-able module
         for l, name in zip(hparams.layers, names):
-            hook = HookLayer(name, get_module(model, name), hparams.alpha_z)
+            hook = HookLayer(name, get_module(model, name), hparams.alpha_z, gate=hparams.gate)
             hook.mask_source = lambda: self._mask
             self.layers[l] = hook
         self._model_hooks = []
@@ -70,6 +72,17 @@ class CoachHooKState:
     def set_mask(self, mask):
         self._mask = mask if self.hparams.gate_ignore_padding else None
 
+    def set_gate(self, gate: str) -> None:
+        """Switch every layer to gate `paper` or `calibrated` (each keeps its own α; no re-editing needed)."""
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        for h in self.layers.values():
+            h.gate = gate
+
+    def state_nbytes(self) -> int:
+        """Bytes of every state tensor (the hook layers; the shared λ·E[kkᵀ] priors are not part of it)."""
+        return sum(h.state_nbytes() for h in self.layers.values())
+
     def set_mode(self, mode: str, layers: Sequence[int] = None):
         for l in (self.layers if layers is None else layers):
             self.layers[l].mode = mode
@@ -94,9 +107,8 @@ class CoachHooKState:
 
     def reset(self) -> None:
         for h in self.layers.values():
-            h.delta.zero_()
-            h.key_gram.zero_()
-            h.alpha, h.num_keys, h.mode = float(self.hparams.alpha_z), 0, VALIDATED
+            h.alpha_z = float(self.hparams.alpha_z)
+            h.clear()
         self.step = 0
 
 
@@ -146,6 +158,7 @@ def ensure_state(model, hparams: CoachHooKHyperParams) -> CoachHooKState:
         state = CoachHooKState(model, hparams)
         object.__setattr__(model, STATE_ATTR, state)
     state.hparams = hparams
+    state.set_gate(hparams.gate)
     return state
 
 
@@ -168,24 +181,49 @@ def memit_context_templates(model, tok, seed: int = 0, length: int = 10, per_pre
 
 
 # --------------------------------------------------------------------------- the batch
+# λ·E[kkᵀ] is read once per file and shared by every editor state (copies, several editors of one model): a
+# d_in × d_in float64 matrix per layer is the largest thing CoachHooK holds, so it must not be duplicated.
+_PRIOR_CACHE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def _shared_prior(key, load) -> torch.Tensor:
+    t = _PRIOR_CACHE.get(key)
+    if t is None:
+        t = load()
+        _PRIOR_CACHE[key] = t
+    return t
+
+
 def _prior(state: CoachHooKState, model, layer: int) -> torch.Tensor:
     hp = state.hparams
     source = str(path_for(model, hp, hp.rewrite_module_tmp.format(layer))) if hp.mom2_adjustment else "identity"
     if layer not in state.priors or state.prior_sources.get(layer) != source:  # re-read when the hparams moved
         d_in = state.layers[layer].d_in
         if hp.mom2_adjustment:
-            state.priors[layer] = load_second_moment(path_for(model, hp, hp.rewrite_module_tmp.format(layer)), d_in)
+            path = path_for(model, hp, hp.rewrite_module_tmp.format(layer))
+            try:
+                st = os.stat(path)
+                key = (str(os.path.abspath(path)), st.st_mtime_ns, st.st_size, d_in)
+            except OSError:
+                key = None  # missing: load_second_moment raises the clear error
+            load = lambda: load_second_moment(path, d_in)  # noqa: E731
+            state.priors[layer] = _shared_prior(key, load) if key is not None else load()
         else:
-            state.priors[layer] = torch.eye(d_in, dtype=torch.float64)
+            state.priors[layer] = _shared_prior(("identity", d_in), lambda: torch.eye(d_in, dtype=torch.float64))
         state.prior_sources[layer] = source
     return state.priors[layer]
 
 
-def compute_alpha_candidates(model, tok, state: CoachHooKState, requests: Sequence[EditRequest]) -> Dict[int, float]:
-    """α_c per layer: min over the batch of each edit prompt's max z (Eq. 19), outputs unchanged."""
+def compute_alpha_candidates(model, tok, state: CoachHooKState, requests: Sequence[EditRequest],
+                             gate: Optional[str] = None) -> Dict[int, float]:
+    """α_c per layer: min over the batch of each edit prompt's max z (Eq. 19) under `gate` (default: the
+    active one), outputs unchanged."""
     device = model_device(model)
+    active = {l: h.gate for l, h in state.layers.items()}
     for h in state.layers.values():
         h.observed_max_z = []
+        if gate is not None:
+            h.gate = gate
     try:
         with torch.no_grad():
             for r in requests:  # one prompt per call: no padding can enter the statistics
@@ -197,9 +235,42 @@ def compute_alpha_candidates(model, tok, state: CoachHooKState, requests: Sequen
             zs = zs[torch.isfinite(zs)]  # σ = 0 or one token gives no z: ignored, never NaN
             cands[l] = float(zs.min()) if zs.numel() else math.inf
     finally:
-        for h in state.layers.values():
+        for l, h in state.layers.items():
             h.observed_max_z = None
+            h.gate = active[l]
     return cands
+
+
+def calibration_prompts(hparams) -> List[str]:
+    prompts = getattr(hparams, "gate_calibration_prompts", None)
+    return list(prompts) if prompts else list(DEFAULT_CALIBRATION_PROMPTS)
+
+
+def calibrate_gate(model, tok, state: CoachHooKState, prompts: Optional[Sequence[str]] = None) -> Dict[int, tuple]:
+    """The calibrated gate's reference statistics: mean and std of M = ‖Δk‖ per layer over the real tokens of
+    unedited prompts (hparams `gate_calibration_prompts`, default DEFAULT_CALIBRATION_PROMPTS), with every hook
+    validated under the calibrated gate. One batched forward pass: hooks run in layer order, so each layer is
+    calibrated on the keys it sees at inference (lower layers already gated with their new statistics)."""
+    from .edit_requests import pad_right
+
+    prompts = calibration_prompts(state.hparams) if prompts is None else list(prompts)
+    device = model_device(model)
+    seqs = [list(tok(p)["input_ids"]) for p in prompts]
+    ids, mask = pad_right(seqs, pad_id_of(tok), device)
+    saved = {l: (h.gate, h.mode) for l, h in state.layers.items()}
+    try:
+        for h in state.layers.values():
+            h.gate, h.mode, h.calibration_mask = CALIBRATED, VALIDATED, mask.bool()
+            h.ref_mean, h.ref_std, h.ref_count = None, None, 0
+        state.set_mask(mask)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for l, h in state.layers.items():
+            h.gate, h.mode = saved[l]
+            h.calibration_mask = None
+        state.set_mask(None)
+    return {l: (h.ref_mean, h.ref_std, h.ref_count) for l, h in state.layers.items()}
 
 
 def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: CoachHooKHyperParams,
@@ -232,24 +303,32 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
             K, H = compute_keys_and_hidden(model, tok, requests, templates, hook.module_name, z_block,
                                            set_mask=state.set_mask)
             R = (V - H.to(V.device)) / (len(layers) - i)
-            C = accumulated_keys(priors[l].to(K.device), hook.key_gram.to(K.device), K, hp.mom2_update_weight)
+            C = accumulated_keys_for(hook, priors[l].to(K.device), K, hp.mom2_update_weight)
             delta = hook_update(R, K, C)
-            hook.delta.add_(delta.to(hook.delta.device, torch.float32))
-            hook.key_gram.add_((K.double() @ K.double().t()).to(hook.key_gram.device))
-            hook.num_keys += K.shape[1]
+            del C
+            hook.add_delta(delta, R)  # low rank or dense, whichever is smaller (HookLayer.layout)
+            hook.add_keys(K)
             hook.mode = VALIDATED
             residual_norms[l] = float(R.norm())
     info["residual_norms"] = residual_norms
     info["values"] = V.detach().cpu()
 
-    # 4. α (Eq. 19): α_1 = α_z; α_s = min(α_{s−1}, α_c)
+    # 4. the calibrated gate's reference statistics (kept for both gates, so the gate can be switched later)
+    info["gate_reference"] = calibrate_gate(model, tok, state)
+
+    # 5. α (Eq. 19) for each gate in its own statistics: α_1 = α_z; α_s = min(α_{s−1}, α_c)
     state.step += 1
-    cands = compute_alpha_candidates(model, tok, state, requests)
-    for l, h in state.layers.items():
-        if state.step > 1 and math.isfinite(cands[l]):
-            h.alpha = min(h.alpha, cands[l])
-    info["alpha_candidates"] = cands
-    info["alpha"] = {l: h.alpha for l, h in state.layers.items()}
+    by_gate = {}
+    for gate in GATES:
+        cands_g = compute_alpha_candidates(model, tok, state, requests, gate=gate)
+        for l, h in state.layers.items():
+            if state.step > 1 and math.isfinite(cands_g[l]):
+                h.alphas[gate] = min(h.alphas[gate], cands_g[l])
+        by_gate[gate] = {"alpha_candidates": cands_g, "alpha": {l: h.alphas[gate] for l, h in state.layers.items()}}
+    active = hp.gate
+    info["alpha_candidates"] = by_gate[active]["alpha_candidates"]
+    info["alpha"] = by_gate[active]["alpha"]
+    info["by_gate"] = by_gate
     return info
 
 

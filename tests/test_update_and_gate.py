@@ -66,7 +66,7 @@ def _hooked_linear(d_in=5, d_out=3, alpha=1.0):
     torch.manual_seed(0)
     lin = torch.nn.Linear(d_in, d_out)
     hook = HookLayer("lin", lin, alpha_z=alpha)
-    hook.delta.copy_(torch.randn(d_out, d_in))
+    hook.set_delta_dense(torch.randn(d_out, d_in))
     hook.num_keys = 1
     hook.attach(lin)
     return lin, hook
