@@ -2,8 +2,8 @@
 
 Both run on the same model, requests, layers, statistics, value settings and context templates, in one
 process, one after the other (CoachHooK's hooks are detached in between, so MEMIT edits the base model).
-The split is taken by timing the functions `execute_coachhook` calls — values, keys, the solve and the
-α pass — without touching the method's code.
+The split is taken by timing the functions `execute_coachhook` calls — values, keys, the solve, the gate's
+calibration and the α pass — without touching the method's code.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Dict, List, Sequence
 import torch
 
 PHASES = {"values": ("compute_values", "compute_value"), "keys": ("compute_keys_and_hidden",),
-          "solve": ("hook_update", "accumulated_keys"), "alpha pass": ("compute_alpha_candidates",)}
+          "solve": ("hook_update", "accumulated_keys_for"), "gate calibration": ("calibrate_gate",),
+          "alpha pass": ("compute_alpha_candidates",)}
 
 
 @contextlib.contextmanager

@@ -24,7 +24,8 @@ def test_edit_time_split_and_model_restored(gpt2_tok, ee, tmp_path):
         ("The capital of Zorbia is", "Zorbia", "Paris"), ("Alice Moreau works as a", "Alice Moreau", "pilot")]]
     res = edit_time(model, gpt2_tok, hp, memit, records)
     split = res["coachhook_split_seconds"]
-    assert all(split[p] > 0 for p in ("values", "keys", "solve", "alpha pass"))
+    from coachhook_plugin.speed import PHASES
+    assert split.keys() == set(PHASES) | {"other"} and all(split[p] > 0 for p in PHASES)
     total = res["coachhook_seconds_per_edit"] * 2
     assert abs(sum(split.values()) - total) < 1e-6 and split["other"] >= 0
     assert res["memit_seconds_per_edit"] > 0 and res["ratio"] > 0
