@@ -44,6 +44,18 @@ def _demo_arguments(p):
     add_arguments(p)
 
 
+def _speed_arguments(p):
+    from .speed import add_arguments
+
+    add_arguments(p)
+
+
+def _speed(args) -> int:
+    from .speed import main as speed_main
+
+    return speed_main(args)
+
+
 def _demo(args) -> int:
     from .demo import main as demo_main
 
@@ -66,7 +78,16 @@ def _edit(args) -> int:
     return 0
 
 
+def _bench(overrides) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(overrides)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # Hydra parses its own overrides and flags (-m, --help, --cfg job ...)
+        return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="coachhook", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +105,9 @@ def main(argv=None) -> int:
     dm = sub.add_parser("demo", help="CoachHooK vs EasyEdit's MEMIT on built-in edits, default model, offline")
     _demo_arguments(dm)
     dm.set_defaults(func=_demo)
+    sp = sub.add_parser("bench-speed", help="edit time vs EasyEdit MEMIT, inference overhead and state bytes")
+    _speed_arguments(sp)
+    sp.set_defaults(func=_speed)
     ed = sub.add_parser("edit", help="apply a CounterFact/ZsRE data file consecutively in batches, with an atomic "
                                      "checkpoint after every batch (--resume continues an interrupted run)")
     ed.add_argument("--hparams", required=True, help="a CoachHooK hparams yaml")
@@ -94,6 +118,10 @@ def main(argv=None) -> int:
     ed.add_argument("--out", required=True, help="run folder: state.safetensors + progress.json")
     ed.add_argument("--resume", action="store_true", help="continue the run in --out after its last checkpoint")
     ed.set_defaults(func=_edit)
+    sub.add_parser("bench", add_help=False,
+                   help="CoachHooK side by side with EasyEdit's baselines (a Hydra app: `coachhook bench "
+                        "data=PATH methods=[CoachHooK,MEMIT] num_edits=200 protocol=consecutive out=DIR`, "
+                        "`coachhook bench --help` for every option)")
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -85,3 +85,24 @@ def evaluate_records(model, tok, records: Sequence[Dict], locality_reference: Op
 def locality_reference(model, tok, records: Sequence[Dict]) -> List[torch.Tensor]:
     return answer_predictions(model, tok, [r["locality_prompt"] for r in records],
                               [r["locality_ground_truth"] for r in records])
+
+
+@torch.no_grad()
+def answer_token_scores(model, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16):
+    """Teacher-forced scores per (prompt, answer): (argmax token at each answer position, the probability the
+    model gives each answer token). The probabilities are a continuous view of the same forward pass as
+    `token_accuracy` — they move with any change of the model, where an accuracy may stay at 0 or 1."""
+    device = model_device(model)
+    pairs = [_join(tok, p, a) for p, a in zip(prompts, answers)]
+    argmax: List[torch.Tensor] = []
+    probs: List[torch.Tensor] = []
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        ids, mask = pad_right([p + a[:-1] for p, a in chunk], pad_id_of(tok), device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for i, (p, a) in enumerate(chunk):
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=device)
+            rows = logits[i, pos].float()
+            argmax.append(rows.argmax(-1).cpu())
+            probs.append(rows.softmax(-1)[torch.arange(len(a), device=device), torch.tensor(a, device=device)].cpu())
+    return argmax, probs

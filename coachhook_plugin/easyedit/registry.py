@@ -256,5 +256,12 @@ def register() -> bool:
         LOG.debug("CoachHooK method not available (%s): EasyEdit compatibility installed, CoachHooK "
                   "not registered", exc)
         return False
-    return register_method("CoachHooK", apply_coachhook_to_model, CoachHooKHyperParams, batchable=True,
-                           callable_restore=True, padding_side="right")
+    ok = register_method("CoachHooK", apply_coachhook_to_model, CoachHooKHyperParams, batchable=True,
+                         callable_restore=True, padding_side="right")
+    try:  # the plugin's baselines (FT-M, GRACE, AlphaEdit, CoachHooK w/o HK) where EasyEdit lacks them
+        from coachhook_plugin.baselines import register_baselines
+
+        register_baselines()
+    except Exception as exc:  # a baseline must never stop CoachHooK from registering
+        LOG.warning("coachhook-plugin baselines not registered with EasyEdit: %s", exc)
+    return ok

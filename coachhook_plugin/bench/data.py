@@ -1,0 +1,107 @@
+"""Edit records for the benchmark: CounterFact and ZsRE in EasyEdit's formats, read in place.
+
+Every record becomes one CounterFact-shaped dict (``prompt, subject, target_new, ground_truth,
+rephrase_prompt, locality_prompt, locality_ground_truth``), the shape EasyEdit's example scripts build
+from both files. ZsRE (MEND format: ``src, subject, alt, answers, rephrase, loc, loc_ans``) has its
+``nq question: `` prefix stripped from the locality prompt, as the CoachHooK paper does.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+FIELDS = ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
+          "locality_ground_truth")
+ZSRE_LOCALITY_PREFIX = "nq question: "
+
+
+class DataError(ValueError):
+    pass
+
+
+def detect_format(raw: List[Dict]) -> str:
+    first = raw[0] if raw else {}
+    if {"src", "alt"} <= set(first):
+        return "zsre"
+    if {"prompt", "target_new"} <= set(first):
+        return "counterfact"
+    raise DataError(f"unknown record format with fields {sorted(first)}; expected CounterFact "
+                    f"(prompt, target_new, ...) or ZsRE (src, alt, ...) in EasyEdit's format")
+
+
+def from_counterfact(r: Dict) -> Dict:
+    return {k: r[k] for k in FIELDS} | {"case_id": r.get("case_id")}
+
+
+def from_zsre(r: Dict, strip_prefix: str = ZSRE_LOCALITY_PREFIX) -> Dict:
+    loc = r["loc"]
+    if strip_prefix and loc.startswith(strip_prefix):
+        loc = loc[len(strip_prefix):]
+    answers = r.get("answers") or [r.get("pred", "")]
+    return {"prompt": r["src"], "subject": r["subject"], "target_new": r["alt"], "ground_truth": answers[0],
+            "rephrase_prompt": r["rephrase"], "locality_prompt": loc, "locality_ground_truth": r["loc_ans"],
+            "case_id": r.get("case_id")}
+
+
+def problem_of(r: Dict) -> Optional[str]:
+    """Why no editing method could take this record (or None). The same filter for every method."""
+    for k in FIELDS:
+        if not isinstance(r.get(k), str) or not r[k].strip():
+            return f"empty or missing {k}"
+    if r["subject"] not in r["prompt"]:
+        return "subject not in prompt"
+    if r["target_new"].strip() == r["ground_truth"].strip():
+        return "target_new equals ground_truth"
+    return None
+
+
+def load_records(path, num_edits: int, fmt: str = "auto", sample: str = "first", seed: int = 0,
+                 skip_invalid: bool = True, strip_locality_prefix: str = ZSRE_LOCALITY_PREFIX
+                 ) -> Tuple[List[Dict], List[Dict]]:
+    """(records, skipped): the first ``num_edits`` usable records (or a seeded sample), in file order.
+
+    ``skipped`` lists the records left out as ill-formed for editing (with the reason), so the report
+    can say how many there were; duplicate prompts are left out too (an edit cannot have two answers)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} not found; pass data=PATH to a CounterFact or ZsRE json "
+                        f"(here: ../shared/data/counterfact/counterfact-edit.json)")
+    raw = json.loads(path.read_text())
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{path} must hold a non-empty JSON list of records")
+    fmt = detect_format(raw) if fmt == "auto" else fmt
+    convert = from_zsre if fmt == "zsre" else from_counterfact
+    order = list(range(len(raw)))
+    if sample == "random":
+        random.Random(seed).shuffle(order)
+    elif sample != "first":
+        raise DataError(f"data.sample must be 'first' or 'random', not {sample!r}")
+    records, skipped, prompts = [], [], set()
+    for i in order:
+        rec = convert(raw[i], strip_locality_prefix) if fmt == "zsre" else convert(raw[i])
+        rec["index"] = i
+        if rec.get("case_id") is None:
+            rec["case_id"] = i
+        why = problem_of(rec) or ("duplicate prompt" if rec["prompt"] in prompts else None)
+        if why and skip_invalid:
+            skipped.append({"index": i, "reason": why})
+            continue
+        prompts.add(rec["prompt"])
+        records.append(rec)
+        if len(records) == num_edits:
+            break
+    if len(records) < num_edits:
+        raise DataError(f"{path} has only {len(records)} usable records, fewer than num_edits={num_edits}")
+    return records, skipped
+
+
+def easyedit_request(rec: Dict) -> Dict:
+    """The request dict EasyEdit's ``BaseEditor._prepare_requests`` builds (what ``apply_*`` and
+    ``compute_edit_quality`` read)."""
+    return {"prompt": rec["prompt"], "target_new": rec["target_new"], "ground_truth": rec["ground_truth"],
+            "subject": rec["subject"], "rephrase_prompt": rec["rephrase_prompt"], "case_id": rec["case_id"],
+            "portability": {},
+            "locality": {"neighborhood": {"prompt": rec["locality_prompt"],
+                                          "ground_truth": rec["locality_ground_truth"]}}}

@@ -1,0 +1,156 @@
+"""One benchmarked method: its hparams, an EasyEdit ``BaseEditor`` on a fresh copy of the model, and the
+edit / roll-back steps the protocols call.
+
+Edits go through the editor's own dispatch (``editor.apply_algo``: EasyEdit's ``ALG_DICT`` entry for
+``alg_name``, the plugin's registrations included) on ``editor.model`` with EasyEdit's request dicts, so
+every method runs exactly what ``BaseEditor.edit/batch_edit`` would run. ``batch_edit`` itself is not
+called: it would score every batch with EasyEdit's per-record loop (and PyPI scores "pre" after the
+edit); the bench scores once per checkpoint with one evaluator for all methods instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import yaml
+
+from ..easyedit import compat
+from .data import easyedit_request
+
+LOG = logging.getLogger(__name__)
+
+#: alg_names whose hparams class the plugin provides (the rest are EasyEdit's <Alg>HyperParams)
+MEMIT_FAMILY = ("MEMIT", "AlphaEdit")  # share MEMIT's context-template cache
+COACHHOOK_FAMILY = ("CoachHooK", "CoachHooK-noHK")
+
+
+class MethodError(RuntimeError):
+    pass
+
+
+def hparams_class(alg_name: str):
+    import coachhook_plugin
+    from ..easyedit import registry
+
+    coachhook_plugin.register()
+    if alg_name == "CoachHooK":
+        return coachhook_plugin.CoachHooKHyperParams
+    cls = registry.hparams_class(alg_name)  # a plugin baseline registered because EasyEdit lacks it
+    if cls is not None:
+        return cls
+    ee = compat.import_easyeditor()
+    cls = getattr(ee, f"{alg_name}HyperParams", None)
+    if cls is None:
+        raise MethodError(f"the installed EasyEdit has no {alg_name}HyperParams and the plugin does not supply "
+                          f"{alg_name}; pick one of the registered methods or install a newer EasyEdit")
+    return cls
+
+
+def load_hparams(alg_name: str, path: Path, overrides: Dict[str, Any]):
+    """Load ``path`` with the method's hparams class; ``overrides`` replace fields (checked to exist)."""
+    if not path.exists():
+        raise MethodError(f"hparams file {path} not found for {alg_name}; write one (see hparams/{alg_name}/) "
+                          f"or point method_settings.<name>.hparams at it")
+    cls = hparams_class(alg_name)
+    config = yaml.safe_load(path.read_text()) or {}
+    if alg_name == "CoachHooK-noHK":  # the ablation reads CoachHooK's own file: same settings
+        config["alg_name"] = "CoachHooK-noHK"
+    if hasattr(cls, "from_dict"):
+        hp = cls.from_dict(config, source=str(path)) if "source" in _params(cls.from_dict) else \
+            cls.from_dict(config)
+    else:
+        hp = cls.from_hparams(str(path))
+    for key, value in (overrides or {}).items():
+        if not hasattr(hp, key):
+            raise MethodError(f"{alg_name} hparams have no field {key!r} (from overrides); known: "
+                              f"{', '.join(sorted(vars(hp)))}")
+        setattr(hp, key, value)
+    if overrides and hasattr(hp, "validate"):
+        hp.validate()
+    return hp
+
+
+def _params(fn) -> List[str]:
+    import inspect
+
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def hparams_dict(hp) -> Dict[str, Any]:
+    d = dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) else dict(vars(hp))
+    if not isinstance(d.get("model_name"), (str, type(None))):
+        d["model_name"] = str(getattr(hp, "model_name", ""))
+    return compat.to_builtin(d)
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "unload")
+
+
+class MethodRunner:
+    """A method on its own fresh model: ``edit(records, single_round)`` → restore handle; ``roll_back``."""
+
+    def __init__(self, key: str, settings, hparams_path: Path, model_name: str, device=None,
+                 stats_dir: Optional[str] = None, context_templates: Optional[List[str]] = None):
+        self.key, self.label, self.alg_name = key, settings.label, settings.alg_name
+        self.hparams_path = hparams_path
+        self.hparams = load_hparams(self.alg_name, hparams_path, dict(settings.overrides or {}))
+        self.hparams.model_name = model_name
+        if device is not None:
+            self.hparams.device = device
+        if stats_dir is not None and hasattr(self.hparams, "stats_dir"):
+            self.hparams.stats_dir = stats_dir
+        self.context_templates = context_templates
+        if context_templates and self.alg_name in COACHHOOK_FAMILY and not self.hparams.context_templates:
+            self.hparams.context_templates = list(context_templates)
+        self.editor = None
+
+    @property
+    def needs_stats(self) -> bool:
+        return bool(getattr(self.hparams, "mom2_adjustment", False)) and hasattr(self.hparams, "mom2_dataset")
+
+    def start(self, model, tok):
+        """Build the EasyEdit editor on ``model`` (a fresh base model for this method)."""
+        self.editor = compat.make_editor(self.hparams, model=model, tok=tok)
+        compat.apply_padding_side(self.editor.tok, self.alg_name, self.editor.model)
+        return self.editor
+
+    @property
+    def model(self):
+        return self.editor.model
+
+    @property
+    def tok(self):
+        return self.editor.tok
+
+    def _templates_scope(self):
+        if self.context_templates and self.alg_name in MEMIT_FAMILY:
+            return compat.memit_context_templates(self.context_templates)
+        return nullcontext()
+
+    def edit(self, records: List[Dict], single_round: bool):
+        """Apply one batch through EasyEdit's dispatch; returns what :meth:`roll_back` needs."""
+        requests = [easyedit_request(r) for r in records]
+        with compat.editing_context(), self._templates_scope():
+            edited, weights_copy = self.editor.apply_algo(
+                self.editor.model, self.editor.tok, requests, self.editor.hparams, copy=False,
+                return_orig_weights=single_round, keep_original_weight=single_round)
+        if is_peft_model(edited) and not single_round:
+            # consecutive LoRA: merge each batch's adapter into the weights, so the next batch adapts the
+            # edited model (a second adapter cannot be stacked on EasyEdit's PeftModel)
+            edited = edited.merge_and_unload()
+        self.editor.model = edited
+        return weights_copy
+
+    def roll_back(self, weights_copy) -> None:
+        if is_peft_model(self.editor.model):
+            self.editor.model = self.editor.model.unload()  # the LoRA layers out, the base weights as they were
+            return
+        compat.restore_weights(self.editor.model, weights_copy)

@@ -1,0 +1,185 @@
+"""`coachhook bench` end to end on a tiny trained GPT-2 (4 edits, 2 methods) and its pieces."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import easyedit_helpers as H  # noqa: E402
+
+#: CounterFact-shaped records the tiny model can be edited on (subjects are the prompts' last words)
+TINY_RECORDS = [
+    dict(prompt="The capital of France", subject="France", target_new="Rome", ground_truth="Paris",
+         rephrase_prompt="The capital city of France", locality_prompt="The capital of Japan",
+         locality_ground_truth="Tokyo"),
+    dict(prompt="The capital of Italy", subject="Italy", target_new="Berlin", ground_truth="Rome",
+         rephrase_prompt="The capital city of Italy", locality_prompt="The capital of Russia",
+         locality_ground_truth="Moscow"),
+    dict(prompt="The capital of Germany", subject="Germany", target_new="Madrid", ground_truth="Berlin",
+         rephrase_prompt="The capital city of Germany", locality_prompt="The capital of Japan",
+         locality_ground_truth="Tokyo"),
+    dict(prompt="The capital of Spain", subject="Spain", target_new="Paris", ground_truth="Madrid",
+         rephrase_prompt="The capital city of Spain", locality_prompt="The capital of Russia",
+         locality_ground_truth="Moscow"),
+]
+
+STATS = dict(mom2_dataset="tiny-wikitext", mom2_n_samples=60, mom2_dtype="float32")
+MEMIT_LIKE = dict(layers=[1, 2], fact_token="subject_last", v_num_grad_steps=20, v_lr=0.5, v_loss_layer=3,
+                  v_weight_decay=0.001, clamp_norm_factor=50, kl_factor=0.0625, mom2_adjustment=True,
+                  mom2_update_weight=100, **STATS)
+
+
+def tiny_method_hparams(stats_dir) -> dict:
+    """hparams for every bench method on the tiny GPT-2 ({folder: fields}); model_name is set by the bench."""
+    common = dict(model_name="tiny", device=0, **H.GPT2_LAYOUT)
+    return {
+        "CoachHooK": dict(common, alg_name="CoachHooK", **MEMIT_LIKE, stats_dir=str(stats_dir), alpha_z=1.0,
+                          batch_size=2, max_length=40),
+        "MEMIT": dict(common, alg_name="MEMIT", layer_selection="all", **MEMIT_LIKE, stats_dir=str(stats_dir),
+                      batch_size=2),
+        "AlphaEdit": dict(common, alg_name="AlphaEdit", **MEMIT_LIKE, stats_dir=str(stats_dir), batch_size=2,
+                          nullspace_threshold=1e9, L2=1.0),  # tiny stats: keep every direction editable
+        "ROME": dict(common, alg_name="ROME", layers=[1], fact_token="subject_last", v_num_grad_steps=20,
+                     v_lr=0.5, v_loss_layer=3, v_weight_decay=0.001, clamp_norm_factor=50, kl_factor=0.0625,
+                     mom2_adjustment=False, context_template_length_params=[[5, 5]], **STATS,
+                     stats_dir=str(stats_dir)),
+        "FT": dict(common, alg_name="FT", layers=[2], num_steps=20, lr=5e-3, weight_decay=0.0, kl_factor=0.0,
+                   norm_constraint=5e-2, batch_size=2, max_length=40),
+        "FT-M": dict(common, alg_name="FT-M", layers=[2], num_steps=20, lr=5e-3, norm_constraint=5e-2,
+                     batch_size=2),
+        "LoRA": dict(alg_name="LoRA", model_name="tiny", device=0, layers=[], num_steps=20, lr=5e-3,
+                     weight_decay=0.0, kl_factor=0.0, norm_constraint=5e-2, target_modules=["c_attn", "c_proj"],
+                     rank=8, lora_alpha=32, lora_dropout=0.0, batch_size=2, max_length=40),
+        "GRACE": dict(alg_name="GRACE", model_name="tiny", device=0, layers=[2],
+                      rewrite_module_tmp=H.GPT2_LAYOUT["rewrite_module_tmp"], eps=1.0, n_iter=40, edit_lr=0.5),
+    }
+
+
+def write_tiny_hparams(root: Path, stats_dir) -> Path:
+    for folder, fields in tiny_method_hparams(stats_dir).items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "tiny.yaml").write_text(yaml.safe_dump(fields))
+    return root
+
+
+def write_tiny_data(path: Path) -> Path:
+    path.write_text(json.dumps([dict(r, case_id=i) for i, r in enumerate(TINY_RECORDS)]))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with H.single_thread():
+        yield
+
+
+def bench_args(tmp_path, methods, out, protocol="consecutive", extra=()):
+    data = write_tiny_data(tmp_path / "tiny-counterfact.json")
+    hp_dir = write_tiny_hparams(tmp_path / "hparams", tmp_path / "stats")
+    return [f"data={data}", f"methods=[{','.join(methods)}]", "num_edits=4", "batch_size=2",
+            f"protocol={protocol}", f"model={H.tiny_model_dir()}", "model.hparams_name=tiny", f"out={out}",
+            f"hparams_dir={hp_dir}", f"stats.corpus={H.shared_path('data', 'corpus', 'wikitext-2-raw-test.txt')}",
+            "stats.max_length=64", "progress=false", "eval.max_new_tokens=3", *extra]
+
+
+def test_bench_end_to_end_contract_and_checkpoints(tmp_path):
+    """The contract: results.json (schema, plain floats in [0, 1]), results.md (best two marked), PNGs; and the
+    checkpoint after the first batch is scored on the model *then*, not on the final model."""
+    from coachhook_plugin.cli import main
+
+    out = tmp_path / "run"
+    args = bench_args(tmp_path, ["CoachHooK", "MEMIT"], out, extra=["protocol.checkpoint_every=2"])
+    assert main(["bench", *args]) == 0
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["protocol"] == "consecutive" and res["config"]["num_edits"] == 4
+    assert set(res["methods"]) == {"CoachHooK", "MEMIT"}
+    for name, m in res["methods"].items():
+        assert "error" not in m, m.get("error")
+        assert not m["failed_edits"], m["failed_edits"]
+        for key in ("reliability", "generality", "locality", "average"):
+            assert type(m["final"][key]) is float and 0.0 <= m["final"][key] <= 1.0
+        assert [p["edits"] for p in m["curve"]] == [2, 4]
+        for p in m["curve"]:
+            assert {"edits", "reliability", "generality", "locality"} <= set(p)
+        assert type(m["seconds_per_edit"]) is float and m["seconds_per_edit"] > 0
+        assert type(m["peak_memory_bytes"]) is float and m["peak_memory_bytes"] > 0
+        assert m["final"] == {k: v for k, v in m["curve"][-1].items() if k not in ("edits", "scored")}
+        assert "generative_reliability" in m["final"]
+    assert res["methods"]["MEMIT"]["final"]["reliability"] > 0.5  # the edits took
+
+    # checkpoint after batch 1 (records 0–1, the model then) vs the final scores of the same records
+    per_record = json.loads((out / "per_record.json").read_text())
+    first, last = per_record["MEMIT"][0], per_record["MEMIT"][-1]
+    assert first["edits"] == 2 and [r["index"] for r in first["records"]] == [0, 1]
+    assert last["edits"] == 4 and len(last["records"]) == 4
+    then = [r["target_prob"] for r in first["records"]]
+    now = [r["target_prob"] for r in last["records"][:2]]
+    assert then != now  # batch 2 changed MEMIT's weights, so the same records score differently
+
+    md = (out / "results.md").read_text()
+    assert "| Method | Reliability | Generality | Locality | Average |" in md
+    assert "| CoachHooK |" in md and "| MEMIT |" in md and "**" in md
+    for png in ("metrics_vs_edits.png", "time_per_edit.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_single_round_rolls_back_and_failures_are_reported(tmp_path):
+    """single_round restores the base model after each batch (checked inside the bench by a weight checksum);
+    a method that cannot run is reported in results.json, not dropped."""
+    from coachhook_plugin.bench import main
+
+    out = tmp_path / "single"
+    args = bench_args(tmp_path, ["FT-M", "GRACE", "ROME"], out, protocol="single_round",
+                      extra=["eval.generative=false", "method_settings.ROME.hparams=/nonexistent/ROME.yaml"])
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert "not found" in res["methods"]["ROME"]["error"]
+    for name in ("FT-M", "GRACE"):
+        m = res["methods"][name]
+        assert "error" not in m, m.get("error")
+        assert [p["edits"] for p in m["curve"]] == [2, 4]
+        assert m["final"]["reliability"] > 0.5
+    assert "failed" in (out / "results.md").read_text()
+
+
+def test_overrides_shorthands(tmp_path):
+    from coachhook_plugin.bench import rewrite_overrides
+
+    zsre = tmp_path / "z.json"
+    zsre.write_text(json.dumps([{"src": "q?", "alt": "a", "subject": "q", "answers": ["b"], "rephrase": "r",
+                                 "loc": "nq question: x", "loc_ans": "y"}]))
+    assert rewrite_overrides([f"data={zsre}", "model=/m/x", "data=counterfact", "model=smollm2-135m"]) == \
+        ["data=zsre", f"data.path={zsre}", "model=custom", "model.name=/m/x", "data=counterfact",
+         "model=smollm2-135m"]
+
+
+def test_zsre_loader_strips_prefix_and_skips_unusable(tmp_path):
+    from coachhook_plugin.bench.data import load_records
+
+    raw = [{"src": "What is the product made by Acme?", "subject": "Acme", "alt": "rockets", "answers": ["anvils"],
+            "rephrase": "What does Acme make?", "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"},
+           {"src": "Who founded Bcorp?", "subject": "Bcorp", "alt": "Ann", "answers": ["Ann"], "rephrase": "r",
+            "loc": "nq question: q", "loc_ans": "a"}]
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(raw))
+    recs, skipped = load_records(path, 1, fmt="auto", strip_locality_prefix="nq question: ")
+    assert recs[0]["locality_prompt"] == "who wrote hamlet" and recs[0]["target_new"] == "rockets"
+    recs, skipped = load_records(path, 1, skip_invalid=True)
+    assert skipped == [] and len(recs) == 1  # stops after the first usable record
+    with pytest.raises(ValueError, match="usable records"):
+        load_records(path, 2)
+
+
+def test_markdown_marks_best_two():
+    from coachhook_plugin.bench.report import markdown_table
+
+    res = {"config": {"protocol": "consecutive"}, "methods": {
+        k: {"label": k, "final": {"reliability": v, "generality": v, "locality": v, "average": v},
+            "seconds_per_edit": 1.0} for k, v in (("A", 0.9), ("B", 0.5), ("C", 0.1))}}
+    md = markdown_table(res)
+    assert "| A | **90.00**" in md and "| B | <u>50.00</u>" in md and "| C | 10.00" in md
