@@ -175,7 +175,8 @@ def run_bench(cfg) -> Dict:
             if cfg.shared_context_templates and templates is None:
                 from ..method import memit_context_templates
 
-                templates = memit_context_templates(model, tok, seed=int(cfg.seed))
+                fixed = cfg.model.get("context_templates")  # a model's measured choice, e.g. SmolLM2: ["{}"]
+                templates = list(fixed) if fixed else memit_context_templates(model, tok, seed=int(cfg.seed))
                 results["config"]["context_templates"] = templates
             if not reference_taken:  # the pre-edit locality answers, once, on the base model
                 evaluator.take_reference(model, tok, records)
