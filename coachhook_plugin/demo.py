@@ -113,15 +113,32 @@ def _ensure_statistics(model, tok, hps, corpus: Optional[Path], n_samples: Optio
     return source
 
 
-def _edit_consecutively(editor, edits, batch_size: int, label: str) -> float:
+def _quiet_console_logs() -> None:
+    """EasyEdit logs every evaluation at INFO on the console; the demo keeps them in the log files only."""
+    import logging
+
+    for name in ("", "easyeditor", "easyeditor.editors.editor"):
+        for h in logging.getLogger(name).handlers:
+            if type(h) is logging.StreamHandler:  # not FileHandler (a subclass): the run.log keeps everything
+                h.setLevel(logging.WARNING)
+
+
+def _edit_consecutively(editor, edits, batch_size: int, label: str, log_path: Path) -> float:
+    """Batches through EasyEdit's BaseEditor, never rolled back. EasyEdit prints every optimisation step to
+    stdout: that goes to `log_path`, the progress bars (stderr) stay on screen."""
+    import contextlib
+
     from tqdm.auto import tqdm
 
+    _quiet_console_logs()
     start = time.time()
     batches = [edits[s:s + batch_size] for s in range(0, len(edits), batch_size)]
-    for chunk in tqdm(batches, desc=f"{label}: consecutive batches of {batch_size}", file=sys.stdout):
-        editor.batch_edit(prompts=[e["prompt"] for e in chunk], target_new=[e["target_new"] for e in chunk],
-                          ground_truth=[e["ground_truth"] for e in chunk], subject=[e["subject"] for e in chunk],
-                          keep_original_weight=False, verbose=False)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+        for chunk in tqdm(batches, desc=f"{label}: consecutive batches of {batch_size}", file=sys.stderr):
+            editor.batch_edit(prompts=[e["prompt"] for e in chunk], target_new=[e["target_new"] for e in chunk],
+                              ground_truth=[e["ground_truth"] for e in chunk],
+                              subject=[e["subject"] for e in chunk], keep_original_weight=False, verbose=False)
     return time.time() - start
 
 
@@ -165,7 +182,7 @@ def run_demo(num_edits: int = 30, model: str = "smollm2-135m", device: str = "au
 
     editor = make_editor(hp, net, tok)
     with editing_context():
-        secs = _edit_consecutively(editor, edits, batch_size, "CoachHooK")
+        secs = _edit_consecutively(editor, edits, batch_size, "CoachHooK", out_dir / "easyedit.log")
     rows["CoachHooK"] = score(net, tok, edits, loc_ref)
     rows["CoachHooK"]["seconds_per_edit"] = secs / len(edits)
     state = coachhook_plugin.get_state(net)
@@ -180,7 +197,7 @@ def run_demo(num_edits: int = 30, model: str = "smollm2-135m", device: str = "au
         templates = hp.context_templates or ["{}"]
         editor = make_editor(memit_hp, net, tok)
         with editing_context(), memit_context_templates(templates):
-            secs = _edit_consecutively(editor, edits, batch_size, "EasyEdit MEMIT")
+            secs = _edit_consecutively(editor, edits, batch_size, "EasyEdit MEMIT", out_dir / "easyedit.log")
         rows["MEMIT (EasyEdit)"] = score(net, tok, edits, loc_ref)
         rows["MEMIT (EasyEdit)"]["seconds_per_edit"] = secs / len(edits)
         timings["memit"] = secs
@@ -223,7 +240,8 @@ def format_report(result: Dict, out_dir: str) -> str:
     lines += ["", "After detaching the hooks the model is the base model again, bit for bit: "
               f"{result['base_model_restored_bit_for_bit']}",
               "Time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in t.items()),
-              f"Results: {Path(out_dir) / 'results.json'} and {Path(out_dir) / 'results.png'}"]
+              f"Results: {Path(out_dir) / 'results.json'} and {Path(out_dir) / 'results.png'} "
+              f"(EasyEdit's own output: {Path(out_dir) / 'easyedit.log'})"]
     return "\n".join(lines)
 
 
