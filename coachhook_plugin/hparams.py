@@ -65,8 +65,10 @@ class CoachHooKHyperParams:
     # --- CoachHooK ---
     alpha_z: float = 2.2
     consecutive: bool = True
-    gate: str = "paper"  # "paper": z over the tokens of each sequence (Eq. 18); "calibrated": z against M's
-    # mean/std on unedited calibration prompts, per token (works with a KV cache, any length, any padding)
+    # "calibrated" (default, chosen from SmolLM2 measurements, README "The gate"): z against M's mean/std on
+    # unedited calibration prompts, per token (works with a KV cache, any length, any padding); "paper": z over
+    # the tokens of each forward call (Eq. 18)
+    gate: str = "calibrated"
     gate_calibration_prompts: Optional[List[str]] = None  # None: hook.DEFAULT_CALIBRATION_PROMPTS (32 sentences)
     gate_ignore_padding: bool = True  # exclude pad tokens from the gate's statistics (the reference does not)
     context_templates: Optional[List[str]] = None  # None: MEMIT's generated templates ("{}" + 5 × 10 tokens)

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .edit_requests import EditRequest, fill_template, pad_id_of, prepare_requests, token_index_of_char
+from .edit_requests import EditRequest, fill_template, pad_id_of, pad_right, prepare_requests, token_index_of_char
 from .hook import CALIBRATED, DEFAULT_CALIBRATION_PROMPTS, GATES, PAPER, TEMPORARY, VALIDATED, HookLayer
 from .hparams import CoachHooKHyperParams
 from .keys import compute_keys_and_hidden
@@ -226,9 +226,13 @@ def compute_alpha_candidates(model, tok, state: CoachHooKState, requests: Sequen
             h.gate = gate
     try:
         with torch.no_grad():
-            for r in requests:  # one prompt per call: no padding can enter the statistics
-                ids = torch.tensor([tok(r.prompt)["input_ids"]], device=device)
-                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            if state.hparams.gate_ignore_padding:  # one padded batch: pad tokens are outside every statistic
+                ids, mask = pad_right([tok(r.prompt)["input_ids"] for r in requests], pad_id_of(tok), device)
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            else:  # padding would enter the paper gate's statistics: one prompt per call
+                for r in requests:
+                    ids = torch.tensor([tok(r.prompt)["input_ids"]], device=device)
+                    model(input_ids=ids, attention_mask=torch.ones_like(ids))
         cands = {}
         for l, h in state.layers.items():
             zs = torch.cat(h.observed_max_z) if h.observed_max_z else torch.empty(0)

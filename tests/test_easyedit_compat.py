@@ -126,6 +126,20 @@ def test_cpu_fallback_maps_cuda_to_cpu_and_restores(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_cpu_fallback_accepts_cuda_cpu_device_strings(ee):
+    """FT and LoRA build torch.device(f"cuda:{hparams.device}"): with `device: cpu` that is "cuda:cpu"."""
+    import importlib
+
+    ft_main = importlib.import_module("easyeditor.models.ft.ft_main")
+    with pytest.raises(RuntimeError):
+        ft_main.torch.device("cuda:cpu")
+    with compat.cpu_fallback(force=True):
+        assert ft_main.torch.device("cuda:cpu") == torch.device("cpu")
+        assert ft_main.torch.device("cpu") == torch.device("cpu")
+        assert ft_main.torch.zeros(1).device.type == "cpu"  # everything else is torch itself
+    assert ft_main.torch is torch
+
+
 def test_block_output_compat_gives_easyedit_tuple_view(ee):
     from easyeditor.util import nethook
 

@@ -110,7 +110,7 @@ def test_alpha_follows_eq19_and_never_increases(gpt2_tok):
 
 def test_alpha_candidate_is_min_of_each_prompts_max_z(gpt2_tok):
     model = build_tiny("gpt2")
-    hp = tiny_hparams("gpt2", mom2_update_weight=1e-2)
+    hp = tiny_hparams("gpt2", mom2_update_weight=1e-2, gate="paper")  # Eq. 18's per-sequence z
     apply_coachhook_to_model(model, gpt2_tok, FACTS[:2], hp, **NOPROG)
     state = get_state(model)
     reqs = prepare_requests(FACTS[:2])
@@ -238,9 +238,10 @@ def test_non_hookable_module_is_refused(gpt2_tok):
 
 
 def test_gate_ignores_right_padding(gpt2_tok):
-    """A prompt scores the same alone and right-padded in a batch: pad tokens stay out of the z statistics."""
+    """A prompt scores the same alone and right-padded in a batch: pad tokens stay out of the paper gate's z
+    statistics (the calibrated gate decides per token and has no per-sequence statistics to pollute)."""
     model = build_tiny("gpt2")
-    hp = tiny_hparams("gpt2", mom2_update_weight=1e-3)
+    hp = tiny_hparams("gpt2", mom2_update_weight=1e-3, gate="paper")
     apply_coachhook_to_model(model, gpt2_tok, FACTS[:2], hp, **NOPROG)
     apply_coachhook_to_model(model, gpt2_tok, FACTS[2:], hp, **NOPROG)
     state = get_state(model)

@@ -335,6 +335,29 @@ _CUDA_NOOPS = ("synchronize", "set_device", "reset_peak_memory_stats", "reset_ma
 _fallback_state = threading.local()
 
 
+# EasyEdit modules that build ``torch.device(f"cuda:{hparams.device}")`` themselves: with ``device: cpu`` (GitHub
+# EasyEdit's spelling) that is "cuda:cpu", which torch.device refuses before any torch function runs.
+_DEVICE_LITERAL_MODULES = ("easyeditor.models.ft.ft_main", "easyeditor.models.lora.lora_main",
+                           "easyeditor.models.mend.mend_main", "easyeditor.models.serac.serac_main",
+                           "easyeditor.models.ike.ike_main", "easyeditor.evaluate.evaluate")
+
+
+class _CpuDeviceTorch(types.ModuleType):
+    """``torch`` as those modules see it under :func:`cpu_fallback`: ``device("cuda…")`` is the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def device(*args, **kwargs):
+        if args and isinstance(args[0], str) and _CUDA_STR.match(args[0]):
+            return torch.device("cpu")
+        return torch.device(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def cpu_fallback(force: bool = False) -> Iterator[bool]:
     """Scoped CUDA -> CPU mapping for code that hard-codes ``cuda:{device}`` (EasyEdit does).
@@ -371,6 +394,10 @@ def cpu_fallback(force: bool = False) -> Iterator[bool]:
     torch.load = load_on_cpu
     for n in saved_cuda:
         setattr(torch.cuda, n, lambda *a, **k: None)
+    swapped = [m for m in (sys.modules.get(name) for name in _DEVICE_LITERAL_MODULES)
+               if m is not None and getattr(m, "torch", None) is torch]
+    for m in swapped:
+        m.torch = _CpuDeviceTorch()
     try:
         with CudaToCpuMode():
             yield True
@@ -378,6 +405,8 @@ def cpu_fallback(force: bool = False) -> Iterator[bool]:
         torch.load = real_load
         for n, fn in saved_cuda.items():
             setattr(torch.cuda, n, fn)
+        for m in swapped:
+            m.torch = torch
         _fallback_state.depth = 0
 
 
