@@ -127,6 +127,22 @@ def test_bench_end_to_end_contract_and_checkpoints(tmp_path):
     for png in ("metrics_vs_edits.png", "time_per_edit.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # one method per run (a SLURM multirun) merges back into the same table; other experiments are refused
+    from coachhook_plugin.bench.merge import MergeError, merge_dirs
+
+    for name in res["methods"]:
+        part = tmp_path / f"only-{name}"
+        part.mkdir()
+        (part / "results.json").write_text(json.dumps({"config": res["config"],
+                                                       "methods": {name: res["methods"][name]}}))
+    merged = merge_dirs([tmp_path / "only-MEMIT", tmp_path / "only-CoachHooK"], tmp_path / "merged")
+    assert merged["methods"] == {"MEMIT": res["methods"]["MEMIT"], "CoachHooK": res["methods"]["CoachHooK"]}
+    assert (tmp_path / "merged" / "results.md").read_text().count("| CoachHooK |") == 1
+    other = dict(res["config"], num_edits=8)
+    (tmp_path / "only-MEMIT" / "results.json").write_text(json.dumps({"config": other, "methods": {}}))
+    with pytest.raises(MergeError, match="differs from run 0 in 'num_edits'"):
+        merge_dirs([tmp_path / "only-CoachHooK", tmp_path / "only-MEMIT"], tmp_path / "merged2")
+
 
 def test_single_round_rolls_back_and_failures_are_reported(tmp_path):
     """single_round restores the base model after each batch (checked inside the bench by a weight checksum);
