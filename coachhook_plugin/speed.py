@@ -102,7 +102,8 @@ def run_bench_speed(model_name: str = "smollm2-135m", hparams: str = None, memit
     _ensure_statistics(model, tok, [hp, mm], DEFAULT_CORPUS if DEFAULT_CORPUS.exists() else None, None)
     report: Dict[str, object] = {"model": model_name, "device": device, "threads": torch.get_num_threads()}
     report["edit_time"] = edit_time(model, tok, hp, mm, builtin_edits(num_edits))
-    report["inference"] = bench_speed(model, tok, hp, n_edits=latency_edits, batch_size=hp.batch_size, reps=reps)
+    if latency_edits > 0:  # 0: edit time only
+        report["inference"] = bench_speed(model, tok, hp, n_edits=latency_edits, batch_size=hp.batch_size, reps=reps)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=1, default=str))
     return report
@@ -113,13 +114,14 @@ def format_speed_report(report: Dict[str, object], out: str) -> str:
 
     e = report["edit_time"]
     split = ", ".join(f"{k} {v:.1f} s" for k, v in e["coachhook_split_seconds"].items())
-    return "\n".join([
-        f"{report['model']} on {report['device']} ({report['threads']} threads)",
+    return "\n".join(
+        [f"{report['model']} on {report['device']} ({report['threads']} threads)",
         f"edit time, one batch of {e['edits']}: CoachHooK {e['coachhook_seconds_per_edit']:.2f} s/edit, "
         f"EasyEdit MEMIT {e['memit_seconds_per_edit']:.2f} s/edit, ratio {e['ratio']:.2f} (goal ≤ 0.5)",
-        f"CoachHooK split: {split}",
-        f"inference after {report['inference']['n_edits']} edits (post/pre latency; goals 1.03 prompt, 1.05 generate):",
-        format_report(report["inference"]), f"written to {out}"])
+        f"CoachHooK split: {split}"]
+        + ([f"inference after {report['inference']['n_edits']} edits (post/pre latency; goals 1.03 prompt, 1.05 "
+            f"generate):", format_report(report["inference"])] if "inference" in report else [])
+        + [f"written to {out}"])
 
 
 def main(args) -> int:
@@ -135,7 +137,8 @@ def add_arguments(p) -> None:
     p.add_argument("--hparams", default=None, help="CoachHooK hparams (default hparams/CoachHooK/<model>.yaml)")
     p.add_argument("--memit-hparams", default=None, help="MEMIT hparams (default hparams/MEMIT/<model>.yaml)")
     p.add_argument("--num-edits", type=int, default=10, help="built-in edits for the edit-time batch")
-    p.add_argument("--latency-edits", type=int, default=1000, help="synthetic edits before measuring latency")
+    p.add_argument("--latency-edits", type=int, default=1000,
+                   help="synthetic edits before measuring latency (0: measure the edit time only)")
     p.add_argument("--reps", type=int, default=7, help="interleaved repetitions per latency measurement")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", default="speed-results/speed.json")
