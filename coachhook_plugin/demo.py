@@ -180,6 +180,7 @@ def run_demo(num_edits: int = 30, model: str = "smollm2-135m", device: str = "au
         base_logits = net(**probe).logits
     timings["evaluate_pre"] = time.time() - t
 
+    _quiet_console_logs()
     editor = make_editor(hp, net, tok)
     with editing_context():
         secs = _edit_consecutively(editor, edits, batch_size, "CoachHooK", out_dir / "easyedit.log")
