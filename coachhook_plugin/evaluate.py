@@ -22,17 +22,28 @@ def _join(tok, prompt: str, answer: str):
 
 
 @torch.no_grad()
-def _predict(model, tok, pairs, batch_size: int) -> List[torch.Tensor]:
+def _teacher_forced(model, tok, pairs, batch_size: int, with_probs: bool = False):
+    """One batched forward per chunk: the argmax token at each answer position and, if asked, the probability
+    the model gives each answer token."""
     device = model_device(model)
-    out: List[torch.Tensor] = []
+    argmax: List[torch.Tensor] = []
+    probs: List[torch.Tensor] = []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
         ids, mask = pad_right([p + a[:-1] for p, a in chunk], pad_id_of(tok), device)
         logits = model(input_ids=ids, attention_mask=mask).logits
         for i, (p, a) in enumerate(chunk):
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=device)
-            out.append(logits[i, pos].argmax(-1).cpu())
-    return out
+            rows = logits[i, pos]
+            argmax.append(rows.argmax(-1).cpu())
+            if with_probs:
+                probs.append(rows.float().softmax(-1)[torch.arange(len(a), device=device),
+                                                      torch.tensor(a, device=device)].cpu())
+    return argmax, probs
+
+
+def _predict(model, tok, pairs, batch_size: int) -> List[torch.Tensor]:
+    return _teacher_forced(model, tok, pairs, batch_size)[0]
 
 
 def answer_predictions(model, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16
@@ -92,17 +103,5 @@ def answer_token_scores(model, tok, prompts: Sequence[str], answers: Sequence[st
     """Teacher-forced scores per (prompt, answer): (argmax token at each answer position, the probability the
     model gives each answer token). The probabilities are a continuous view of the same forward pass as
     `token_accuracy` — they move with any change of the model, where an accuracy may stay at 0 or 1."""
-    device = model_device(model)
-    pairs = [_join(tok, p, a) for p, a in zip(prompts, answers)]
-    argmax: List[torch.Tensor] = []
-    probs: List[torch.Tensor] = []
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        ids, mask = pad_right([p + a[:-1] for p, a in chunk], pad_id_of(tok), device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        for i, (p, a) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=device)
-            rows = logits[i, pos].float()
-            argmax.append(rows.argmax(-1).cpu())
-            probs.append(rows.softmax(-1)[torch.arange(len(a), device=device), torch.tensor(a, device=device)].cpu())
-    return argmax, probs
+    return _teacher_forced(model, tok, [_join(tok, p, a) for p, a in zip(prompts, answers)], batch_size,
+                           with_probs=True)
