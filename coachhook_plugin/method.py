@@ -312,8 +312,13 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
             del C
             hook.add_delta(delta, R)  # low rank or dense, whichever is smaller (HookLayer.layout)
             hook.add_keys(K)
-            hook.mode = VALIDATED
             residual_norms[l] = float(R.norm())
+    # Only now validated: while the loop runs, the keys and residual of layer l must see the updates of the
+    # layers below it, as MEMIT's do. A validated hook gates with the statistics of the previous batch (none
+    # on the first), which need not fire on this batch's tokens; the later layers would then each re-fit the
+    # whole residual and the sum overshoot (measured on SmolLM2, 30 CounterFact edits in one batch:
+    # reliability 0.88 that way, 1.00 this way, as MEMIT).
+    state.set_mode(VALIDATED)
     info["residual_norms"] = residual_norms
     info["values"] = V.detach().cpu()
 

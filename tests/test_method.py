@@ -60,6 +60,25 @@ def test_single_layer_update_reaches_the_value(arch, gpt2_tok):
     assert (V - h_after).norm() <= 0.1 * (V - h_before).norm()
 
 
+@pytest.mark.parametrize("gate", ["calibrated", "paper"])
+def test_layers_share_the_residual_like_memit(gpt2_tok, gate):
+    """Three layers, tiny λ: layer l fits its share of what the layers below it left, so the edited path
+    reaches v, not ~2.3 v. (Each layer once saw the lower layers through validated hooks, whose gate had no
+    statistics for this batch yet: every layer re-fitted the whole residual and the sum overshot.)"""
+    model = build_tiny("gpt2")
+    hp = tiny_hparams("gpt2", layers=[0, 1, 2], context_templates=["{}"], mom2_update_weight=1e-5, gate=gate)
+    reqs = prepare_requests(FACTS[:3])
+    block = hp.layer_module_tmp.format(2)
+    _, h_before = compute_keys_and_hidden(model, gpt2_tok, reqs, ["{}"], hp.rewrite_module_tmp.format(2), block)
+    apply_coachhook_to_model(model, gpt2_tok, FACTS[:3], hp, **NOPROG)
+    state = get_state(model)
+    V = state.last_info["values"]
+    state.set_mode(TEMPORARY)
+    _, h_after = compute_keys_and_hidden(model, gpt2_tok, reqs, ["{}"], hp.rewrite_module_tmp.format(2), block)
+    assert (V - h_before).norm() > 1e-3
+    assert (V - h_after).norm() <= 0.1 * (V - h_before).norm()
+
+
 def test_update_is_the_closed_form_and_keys_accumulate(gpt2_tok, monkeypatch):
     model = build_tiny("gpt2")
     hp = tiny_hparams("gpt2", mom2_update_weight=0.5)
@@ -253,14 +272,19 @@ def test_gate_ignores_right_padding(gpt2_tok):
     ids[0, :len(short)] = torch.tensor(short)
     ids[1] = torch.tensor(long)
     mask = (torch.arange(len(long))[None] < torch.tensor([[len(short)], [len(long)]])).long()
+    first = state.layers[min(state.layers)]  # its inputs do not depend on any other hook's decisions
+    first.recorder = []
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([short])).logits[0]
         padded = model(input_ids=ids, attention_mask=mask).logits[0, :len(short)]
         hp.gate_ignore_padding = False  # the reference behaviour: pads enter mean and std
         state.hparams.gate_ignore_padding = False
-        polluted = model(input_ids=ids, attention_mask=mask).logits[0, :len(short)]
+        model(input_ids=ids, attention_mask=mask)
+    z_alone, z_padded, z_polluted = (r["z"][0, :len(short)] for r in first.recorder)
+    first.recorder = None
     assert torch.allclose(alone, padded, atol=1e-5)
-    assert not torch.allclose(alone, polluted, atol=1e-5)
+    assert torch.allclose(z_alone, z_padded, atol=1e-4)
+    assert not torch.allclose(z_alone, z_polluted, atol=1e-2)  # pads moved the short prompt's z-scores
 
 
 def test_every_layer_update_fits_its_residual_share_with_small_lambda(arch, gpt2_tok, monkeypatch):
