@@ -199,3 +199,20 @@ def test_markdown_marks_best_two():
             "seconds_per_edit": 1.0} for k, v in (("A", 0.9), ("B", 0.5), ("C", 0.1))}}
     md = markdown_table(res)
     assert "| A | **90.00**" in md and "| B | <u>50.00</u>" in md and "| C | 10.00" in md
+
+
+def test_rome_writes_every_record_of_a_batch(tmp_path):
+    """ROME's apply function reads ``requests[0]`` only: the bench must give it a batch one record per call
+    (as ``BaseEditor.edit`` does), and roll all of them back in single_round (the bench checks the weights)."""
+    from coachhook_plugin.bench import main
+
+    out = tmp_path / "rome"
+    args = bench_args(tmp_path, ["ROME"], out, protocol="single_round", extra=["eval.generative=false"])
+    assert main(args) == 0
+    m = json.loads((out / "results.json").read_text())["methods"]["ROME"]
+    assert "error" not in m, m.get("error")
+    assert not m["failed_edits"], m["failed_edits"]
+    rows = [r for part in json.loads((out / "per_record.json").read_text())["ROME"] for r in part["records"]]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    # the second record of each batch of 2 was written too (before the fix it kept its pre-edit score)
+    assert all(r["reliability"] == 1.0 for r in rows), rows

@@ -95,7 +95,7 @@ def is_peft_model(model) -> bool:
 
 
 class MethodRunner:
-    """A method on its own fresh model: ``edit(records, single_round)`` → restore handle; ``roll_back``."""
+    """A method on its own fresh model: ``edit(records, single_round)`` → restore handles; ``roll_back``."""
 
     def __init__(self, key: str, settings, hparams_path: Path, model_name: str, device=None,
                  stats_dir: Optional[str] = None, context_templates: Optional[List[str]] = None):
@@ -111,6 +111,11 @@ class MethodRunner:
         if context_templates and self.alg_name in COACHHOOK_FAMILY and not self.hparams.context_templates:
             self.hparams.context_templates = list(context_templates)
         self.editor = None
+
+    @property
+    def batchable(self) -> bool:
+        """Whether one dispatch call writes every record (ROME/KN read the first request only)."""
+        return compat.is_batchable(self.alg_name)
 
     @property
     def needs_stats(self) -> bool:
@@ -135,8 +140,14 @@ class MethodRunner:
             return compat.memit_context_templates(self.context_templates)
         return nullcontext()
 
-    def edit(self, records: List[Dict], single_round: bool):
-        """Apply one batch through EasyEdit's dispatch; returns what :meth:`roll_back` needs."""
+    def edit(self, records: List[Dict], single_round: bool) -> List[Any]:
+        """Apply ``records`` in one call of EasyEdit's dispatch; returns what :meth:`roll_back` needs.
+
+        Only give a method that is not :attr:`batchable` one record at a time.
+        """
+        if len(records) > 1 and not self.batchable:
+            raise ValueError(f"{self.alg_name} writes only the first request of a list (EasyEdit cannot batch "
+                             f"it); edit its records one at a time")
         requests = [easyedit_request(r) for r in records]
         with compat.editing_context(), self._templates_scope():
             edited, weights_copy = self.editor.apply_algo(
@@ -147,7 +158,7 @@ class MethodRunner:
             # edited model (a second adapter cannot be stacked on EasyEdit's PeftModel)
             edited = edited.merge_and_unload()
         self.editor.model = edited
-        return weights_copy
+        return [weights_copy]
 
     def roll_back(self, weights_copy) -> None:
         if is_peft_model(self.editor.model):

@@ -47,28 +47,39 @@ class MethodRun:
         self.notes: List[str] = []
 
     # ---------------------------------------------------------------- editing
-    def _apply(self, records: List[Dict], single_round: bool):
+    def _apply(self, records: List[Dict], single_round: bool) -> List:
+        """Write one batch; returns the roll-back handles, oldest first. A method EasyEdit cannot batch
+        (ROME, KN) is given the records one call each, as ``BaseEditor.edit`` gives them."""
         start = time.perf_counter()
         try:
-            return [self.runner.edit(records, single_round)]
-        except Exception as exc:  # noqa: BLE001 — reported per record below, never skipped silently
-            LOG.warning("%s: a batch of %d edit(s) failed", self.runner.key, len(records), exc_info=True)
-            if len(records) == 1:
-                self.failures.append({"index": records[0]["index"], "error": f"{type(exc).__name__}: {exc}"})
-                return []
-            # find the record(s) at fault: write the batch one record at a time
-            handles = []
-            for rec in records:
-                try:
-                    handles.append(self.runner.edit([rec], single_round))
-                except Exception as one:  # noqa: BLE001
-                    self.failures.append({"index": rec["index"], "error": f"{type(one).__name__}: {one}",
-                                          "batch_error": f"{type(exc).__name__}: {exc}"})
-            self.notes.append(f"a batch of {len(records)} failed ({type(exc).__name__}: {exc}); its records were "
-                              f"written one at a time")
-            return handles
+            if len(records) > 1 and not self.runner.batchable:
+                return self._apply_one_at_a_time(records, single_round)
+            try:
+                return self.runner.edit(records, single_round)
+            except Exception as exc:  # noqa: BLE001 — reported per record below, never skipped silently
+                LOG.warning("%s: a batch of %d edit(s) failed", self.runner.key, len(records), exc_info=True)
+                if len(records) == 1:
+                    self.failures.append({"index": records[0]["index"], "error": f"{type(exc).__name__}: {exc}"})
+                    return []
+                # find the record(s) at fault: write the batch one record at a time
+                self.notes.append(f"a batch of {len(records)} failed ({type(exc).__name__}: {exc}); its records "
+                                  f"were written one at a time")
+                return self._apply_one_at_a_time(records, single_round, batch_error=exc)
         finally:
             self.edit_seconds += time.perf_counter() - start
+
+    def _apply_one_at_a_time(self, records: List[Dict], single_round: bool, batch_error=None) -> List:
+        handles = []
+        for rec in records:
+            try:
+                handles.extend(self.runner.edit([rec], single_round))
+            except Exception as one:  # noqa: BLE001
+                LOG.warning("%s: edit of record %s failed", self.runner.key, rec["index"], exc_info=True)
+                failure = {"index": rec["index"], "error": f"{type(one).__name__}: {one}"}
+                if batch_error is not None:
+                    failure["batch_error"] = f"{type(batch_error).__name__}: {batch_error}"
+                self.failures.append(failure)
+        return handles
 
     def _score(self, records: List[Dict], edits: int) -> Dict:
         start = time.perf_counter()

@@ -894,6 +894,28 @@ def make_editor(hparams, model=None, tok=None):
     return BaseEditor(hparams)
 
 
+# Methods whose apply function takes a whole list of requests in GitHub EasyEdit's ``BatchEditor`` but
+# not in PyPI EasyEdit's older list (which predates LoRA/AlphaEdit/EMMET batch editing); their PyPI apply
+# functions already loop over the list, so the GitHub answer holds for both.
+_BATCHABLE_SINCE_PYPI = frozenset({"LoRA", "QLoRA", "PMET", "EMMET", "AlphaEdit", "WISE", "GRACE"})
+
+
+def is_batchable(alg_name: str) -> bool:
+    """Whether EasyEdit's ``apply_<alg>_to_model`` writes every request it is given.
+
+    ROME and KN read ``requests[0]`` only (EasyEdit's ``edit`` calls them once per request; its
+    ``batch_edit`` refuses them): passing them a batch silently drops all but its first edit.
+    """
+    if alg_name in _BATCHABLE_SINCE_PYPI:
+        return True
+    install()  # the registry's own methods answer through the patched is_batchable_method
+    mod = _ee_module("easyeditor.editors.batch_editor")
+    cls = getattr(mod, "BatchEditor", None)
+    if cls is None:
+        return alg_name not in ("ROME", "KN", "R-ROME")
+    return bool(cls.is_batchable_method(alg_name))
+
+
 # --------------------------------------------------------------------------------------------------
 # 7. results and weights
 # --------------------------------------------------------------------------------------------------
