@@ -24,7 +24,7 @@ from .data import easyedit_request
 LOG = logging.getLogger(__name__)
 
 #: alg_names whose hparams class the plugin provides (the rest are EasyEdit's <Alg>HyperParams)
-MEMIT_FAMILY = ("MEMIT", "AlphaEdit")  # share MEMIT's context-template cache
+SHARED_TEMPLATE_ALGS = ("MEMIT", "AlphaEdit", "ROME")  # read EasyEdit's context-template caches (memit_main, rome_main)
 COACHHOOK_FAMILY = ("CoachHooK", "CoachHooK-noHK")
 
 
@@ -136,7 +136,7 @@ class MethodRunner:
         return self.editor.tok
 
     def _templates_scope(self):
-        if self.context_templates and self.alg_name in MEMIT_FAMILY:
+        if self.context_templates and self.alg_name in SHARED_TEMPLATE_ALGS:
             return compat.memit_context_templates(self.context_templates)
         return nullcontext()
 

@@ -653,25 +653,29 @@ def editing_context(force_cpu: bool = False) -> Iterator[None]:
 
 @contextlib.contextmanager
 def memit_context_templates(templates: Sequence[str]) -> Iterator[None]:
-    """Make EasyEdit's MEMIT (and its relatives that share `memit_main`) use these context templates.
+    """Make EasyEdit's MEMIT (and its relatives that share `memit_main`) and ROME use these context templates.
 
-    EasyEdit generates MEMIT's templates once per process with the model itself and caches them in a module
-    global; there is no hparams field for them. Comparing methods fairly needs the same templates on both
-    sides, so the cache is set for the duration (``templates[0]`` must be "{}", grouped as EasyEdit does:
-    the raw prompt alone, then the rest) and put back afterwards."""
+    EasyEdit generates MEMIT's and ROME's templates once per process with the model itself and caches them in
+    module globals; there is no hparams field for them. Comparing methods fairly needs the same templates on
+    every side, so the caches are set for the duration (``templates[0]`` must be "{}"; MEMIT's grouped as
+    EasyEdit does: the raw prompt alone, then the rest; ROME's a flat list) and put back afterwards."""
     if not templates or templates[0] != "{}":
         raise ValueError("the first context template must be the raw prompt '{}'")
-    memit_main = _ee_module("easyeditor.models.memit.memit_main")
-    if memit_main is None or not hasattr(memit_main, "CONTEXT_TEMPLATES_CACHE"):
-        raise ImportError("this EasyEdit has no easyeditor.models.memit.memit_main.CONTEXT_TEMPLATES_CACHE; "
-                          "run MEMIT with its own templates (drop the templates argument)")
-    grouped = [["{}"]] + ([list(templates[1:])] if len(templates) > 1 else [])
-    saved = memit_main.CONTEXT_TEMPLATES_CACHE
-    memit_main.CONTEXT_TEMPLATES_CACHE = grouped
+    caches = {"easyeditor.models.memit.memit_main": [["{}"]] + ([list(templates[1:])] if len(templates) > 1 else []),
+              "easyeditor.models.rome.rome_main": list(templates)}
+    modules = {name: _ee_module(name) for name in caches}
+    modules = {name: m for name, m in modules.items() if m is not None and hasattr(m, "CONTEXT_TEMPLATES_CACHE")}
+    if not modules:
+        raise ImportError("this EasyEdit has no CONTEXT_TEMPLATES_CACHE in memit_main or rome_main; run MEMIT "
+                          "and ROME with their own templates (drop the templates argument)")
+    saved = {name: m.CONTEXT_TEMPLATES_CACHE for name, m in modules.items()}
+    for name, m in modules.items():
+        m.CONTEXT_TEMPLATES_CACHE = caches[name]
     try:
         yield
     finally:
-        memit_main.CONTEXT_TEMPLATES_CACHE = saved
+        for name, m in modules.items():
+            m.CONTEXT_TEMPLATES_CACHE = saved[name]
 
 
 _LOG_DIR: Optional[str] = None
@@ -894,10 +898,10 @@ def make_editor(hparams, model=None, tok=None):
     return BaseEditor(hparams)
 
 
-# Methods whose apply function takes a whole list of requests in GitHub EasyEdit's ``BatchEditor`` but
-# not in PyPI EasyEdit's older list (which predates LoRA/AlphaEdit/EMMET batch editing); their PyPI apply
-# functions already loop over the list, so the GitHub answer holds for both.
-_BATCHABLE_SINCE_PYPI = frozenset({"LoRA", "QLoRA", "PMET", "EMMET", "AlphaEdit", "WISE", "GRACE"})
+# Batchable in GitHub EasyEdit's ``BatchEditor`` (LoRA, QLoRA, PMET, EMMET) but not in PyPI's older list,
+# plus AlphaEdit (MEMIT's request loop, whatever the list says); their apply functions write every request
+# of a list in both flavours. GRACE/WISE are left to ``BatchEditor`` (one request per call unless it says so).
+_BATCHABLE_SINCE_PYPI = frozenset({"LoRA", "QLoRA", "PMET", "EMMET", "AlphaEdit"})
 
 
 def is_batchable(alg_name: str) -> bool:
