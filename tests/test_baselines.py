@@ -58,6 +58,20 @@ def test_ft_m_edits_through_base_editor_and_restores(tmp_path, ee):
     assert delta <= hp.norm_constraint + 1e-6  # EasyEdit's L∞ norm constraint
 
 
+def test_ft_m_norm_constraint_false_means_unconstrained(tmp_path):
+    """EasyEdit's Llama FT yaml writes ``norm_constraint: false``; FT-M must read it as "no clamp", not a clamp
+    of 0 (which would leave the weights untouched)."""
+    from coachhook_plugin.baselines.ft_m import FTMHyperParams, apply_ft_m_to_model
+
+    hp = _hparams(FTMHyperParams, "FT-M", tmp_path, norm_constraint=False)
+    assert hp.norm_constraint is None
+    model, tok = H.tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_ft_m_to_model(model, tok, [EDIT], hp)
+    delta = max(float((v - before[k]).abs().max()) for k, v in model.state_dict().items())
+    assert delta > 5e-2  # beyond the tiny config's clamp: nothing held the update back
+
+
 def test_grace_codebook_edits_defers_and_splits(tmp_path):
     from coachhook_plugin.baselines import grace
 

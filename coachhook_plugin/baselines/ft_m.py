@@ -27,7 +27,7 @@ class FTMHyperParams:
     num_steps: int = 25
     lr: float = 5e-4
     weight_decay: float = 0.0
-    norm_constraint: Optional[float] = 5e-4  # L∞ distance from the original weights; null: unconstrained
+    norm_constraint: Optional[float] = 5e-4  # L∞ distance from the original weights; null/false: unconstrained
     kl_factor: float = 0.0  # accepted for EasyEdit compatibility; FT-M has no KL term
     layer_module_tmp: str = ""
     mlp_module_tmp: str = ""
@@ -46,6 +46,10 @@ class FTMHyperParams:
         if not self.layers:
             raise ValueError("FT-M hparams 'layers' must name at least one layer, e.g. [5]")
         self.num_steps, self.batch_size = int(self.num_steps), max(1, int(self.batch_size))
+        if self.norm_constraint is False:  # EasyEdit's FT spells "unconstrained" as false (its Llama yaml)
+            self.norm_constraint = None
+        elif self.norm_constraint is not None:
+            self.norm_constraint = float(self.norm_constraint)
 
     @classmethod
     def from_hparams(cls, path) -> "FTMHyperParams":
