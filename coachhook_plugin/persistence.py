@@ -116,6 +116,15 @@ def _update_tensor(h, name: str, t: torch.Tensor, data: bytes) -> None:
     h.update(data)
 
 
+def sample_indices(numel: int, count: int) -> torch.Tensor:
+    """`count` evenly spaced indices into a tensor of `numel` elements, first and last included, in exact
+    int64 arithmetic (a float32 linspace cannot hold indices past 2**24: the last one rounds past the end)."""
+    count = min(count, numel)
+    if count <= 1:
+        return torch.zeros(count, dtype=torch.long)
+    return torch.arange(count, dtype=torch.long) * (numel - 1) // (count - 1)
+
+
 def fingerprint(model: torch.nn.Module, hparams: CoachHooKHyperParams) -> Dict[str, str]:
     """A cheap but distinguishing identity of the base model, in parts (so a mismatch can say what differs):
 
@@ -146,7 +155,7 @@ def fingerprint(model: torch.nn.Module, hparams: CoachHooKHyperParams) -> Dict[s
     for name, t in sd.items():
         flat = t.detach().reshape(-1)
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(FINGERPRINT_SAMPLES, flat.numel())).long()
+            idx = sample_indices(flat.numel(), FINGERPRINT_SAMPLES)
             data = _tensor_bytes(flat[idx.to(flat.device)])
         else:
             data = b""

@@ -274,3 +274,19 @@ def test_read_coachhook_without_a_model(gpt2_tok, tmp_path):
     path = save_coachhook(model, tmp_path / "s.safetensors", extra={"note": "hello"})
     header, snap = read_coachhook(path)
     assert header["extra"] == {"note": "hello"} and same_state(snap, get_state(model).snapshot())
+
+
+def test_fingerprint_sample_indices_are_exact_past_float32_range():
+    """SmolLM2's embedding has 28,311,552 elements: a float32 linspace rounded its last index past the end."""
+    from coachhook_plugin.persistence import sample_indices
+
+    for numel in (1, 2, 63, 64, 65, 2 ** 24 + 1, 28_311_552, 50_257 * 1_600):
+        idx = sample_indices(numel, 64)
+        assert idx.dtype == torch.long and len(idx) == min(64, numel)
+        assert idx[0] == 0 and idx[-1] == numel - 1
+        assert bool((idx[1:] > idx[:-1]).all())
+        assert idx.tolist() == [i * (numel - 1) // max(1, min(64, numel) - 1) for i in range(min(64, numel))]
+    assert len(sample_indices(0, 64)) == 0
+    big = torch.zeros(28_311_552, dtype=torch.int8)
+    big[-1] = 7
+    assert big[sample_indices(big.numel(), 64)][-1] == 7  # the last element is sampled, not out of bounds
