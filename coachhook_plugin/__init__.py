@@ -5,13 +5,13 @@
 """
 from .hparams import CoachHooKHyperParams, HyperParamsError
 from .edit_requests import RequestError
-from .method import apply_coachhook_to_model, get_state, remove_coachhook
+from .method import StaleRestoreError, apply_coachhook_to_model, get_state, remove_coachhook
 from .stats import StatsError
 from .persistence import PersistenceError, UndoError, load_coachhook, save_coachhook, undo_coachhook
 
 __all__ = ["CoachHooKHyperParams", "HyperParamsError", "RequestError", "StatsError", "apply_coachhook_to_model",
            "get_state", "remove_coachhook", "register", "save_coachhook", "load_coachhook", "undo_coachhook",
-           "PersistenceError", "UndoError"]
+           "PersistenceError", "UndoError", "StaleRestoreError"]
 __version__ = "0.1.0"
 
 
@@ -26,7 +26,7 @@ def register() -> bool:
 
 try:
     register()
-except Exception as _e:  # registration must never make `import coachhook_plugin` fail
-    import logging
+except Exception as _e:  # registration must never make `import coachhook_plugin` fail, nor fail silently
+    from .easyedit.registry import warn_registration_failed
 
-    logging.getLogger(__name__).debug("EasyEdit registration skipped: %s", _e)
+    warn_registration_failed(_e, what="registering CoachHooK")

@@ -130,6 +130,8 @@ def _edit_consecutively(editor, edits, batch_size: int, label: str, log_path: Pa
 
     from tqdm.auto import tqdm
 
+    from .easyedit.compat import consecutive_edit_kwargs
+
     _quiet_console_logs()
     start = time.time()
     batches = [edits[s:s + batch_size] for s in range(0, len(edits), batch_size)]
@@ -138,7 +140,8 @@ def _edit_consecutively(editor, edits, batch_size: int, label: str, log_path: Pa
         for chunk in tqdm(batches, desc=f"{label}: consecutive batches of {batch_size}", file=sys.stderr):
             editor.batch_edit(prompts=[e["prompt"] for e in chunk], target_new=[e["target_new"] for e in chunk],
                               ground_truth=[e["ground_truth"] for e in chunk],
-                              subject=[e["subject"] for e in chunk], keep_original_weight=False, verbose=False)
+                              subject=[e["subject"] for e in chunk], verbose=False,
+                              **consecutive_edit_kwargs())  # GitHub EasyEdit rolls back otherwise
     return time.time() - start
 
 

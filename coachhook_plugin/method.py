@@ -37,6 +37,9 @@ class CoachHooKState:
         self.layers: Dict[int, HookLayer] = {}
         self.step = 0  # number of batches written
         self.journal: List[dict] = []  # undo: snapshot from before each recent batch, newest last (≤ undo_depth)
+        # Identifies the newest batch while the state is exactly what that batch left; any restore or reset clears
+        # it, so a HookRestore from an earlier batch can tell that it would roll back more than its own batch.
+        self.newest_batch_token: Optional[object] = None
         self.context_templates: Optional[List[str]] = None
         self.priors: Dict[int, torch.Tensor] = {}  # E[kkᵀ] per layer, read once
         self.prior_sources: Dict[int, str] = {}  # the file (or 'identity') each prior was read from
@@ -101,11 +104,13 @@ class CoachHooKState:
                            for l, h in self.layers.items()}}
 
     def restore(self, snap: dict) -> None:
+        self.newest_batch_token = None
         self.step = snap["step"]
         for l, (tensors, extra) in snap["layers"].items():
             self.layers[l].load_state(tensors, extra)
 
     def reset(self) -> None:
+        self.newest_batch_token = None
         for h in self.layers.values():
             h.alpha_z = float(self.hparams.alpha_z)
             h.clear()
@@ -341,6 +346,10 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
     return info
 
 
+class StaleRestoreError(RuntimeError):
+    """A batch's restore handle was called after the hook state changed again; nothing was changed."""
+
+
 class HookRestore(dict):
     """EasyEdit's `weights_copy` for a method that never changes a base weight.
 
@@ -349,7 +358,10 @@ class HookRestore(dict):
       back (non-sequential editing): the hook state returns exactly to what it was before the batch.
     - PyPI EasyEdit iterates `weights_copy.items()` after every edit; that restores only when the caller
       asked to keep the original weights (single-round), so repeated calls are otherwise consecutive.
-    A restore happens at most once (a stale handle never rolls back later batches).
+    A handle rolls back its own batch only: it works while that batch is the newest change to the state, at
+    most once (a second call does nothing). Called after the state changed again (a later batch, an undo, a
+    load, a restore), it raises StaleRestoreError and changes nothing: rolling back to before its batch
+    would silently drop every later batch too.
     """
 
     def __init__(self, state: CoachHooKState, snapshot: dict, restore_on_items: bool = False):
@@ -357,15 +369,25 @@ class HookRestore(dict):
         self._state, self._snapshot, self._restore_on_items = state, snapshot, restore_on_items
         self.restored = False
         self.journal_entry = None  # this batch's undo-journal entry, dropped when the batch is rolled back
+        self.batch_token = object()  # matches state.newest_batch_token while this batch is the newest change
+        self.step_after = state.step  # for the error message
 
     def __call__(self):
-        if not self.restored:
-            self.restored = True
-            with torch.no_grad():
-                self._state.restore(self._snapshot)
-            journal = getattr(self._state, "journal", None)
-            if journal and journal[-1] is self.journal_entry:
-                journal.pop()  # the batch is gone: undo must not count it
+        if self.restored:
+            return
+        if self._state.newest_batch_token is not self.batch_token:
+            raise StaleRestoreError(
+                f"this restore handle belongs to the batch that brought the CoachHooK state to step "
+                f"{self.step_after}, but the state has changed since (now step {self._state.step}: later batches, "
+                f"an undo, a load or a restore); calling it would roll back more than its own batch, so nothing "
+                f"was changed. To roll back the newest k batches use coachhook_plugin.undo_coachhook(model, k) "
+                f"(keep up to undo_depth batches, set in the hparams), or call each handle right after its batch")
+        self.restored = True
+        with torch.no_grad():
+            self._state.restore(self._snapshot)
+        journal = getattr(self._state, "journal", None)
+        if journal and journal[-1] is self.journal_entry:
+            journal.pop()  # the batch is gone: undo must not count it
 
     def items(self):
         if self._restore_on_items:
@@ -393,6 +415,7 @@ def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHoo
     old_hparams = get_state(model).hparams if existed else None
     state = ensure_state(model, hparams)
     snap = state.snapshot()
+    newest_before = state.newest_batch_token
     if not hparams.consecutive or keep_original_weight:
         state.reset()  # single-round: every batch starts from the base model ...
     restore_point = state.snapshot()  # ... and a restore returns there
@@ -401,6 +424,7 @@ def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHoo
         info = execute_coachhook(model, tok, edit_requests, hparams, state, progress=progress)
     except BaseException:
         state.restore(snap)
+        state.newest_batch_token = newest_before  # the state is what the previous batch left: its handle stays valid
         if not existed:
             remove_coachhook(model)
         else:
@@ -411,6 +435,7 @@ def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHoo
     del state.journal[:max(0, len(state.journal) - int(hparams.undo_depth))]
     handle = HookRestore(state, restore_point, restore_on_items=keep_original_weight)
     handle.journal_entry = snap
+    state.newest_batch_token = handle.batch_token
     return model, handle
 
 

@@ -52,8 +52,16 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def model_name_for_stats(model: torch.nn.Module) -> str:
-    """The directory name EasyEdit uses for this model's statistics files."""
-    return str(getattr(model.config, "_name_or_path", "") or type(model).__name__).replace("/", "_")
+    """The directory name EasyEdit uses for this model's statistics files (where new files are written; see
+    model_names_for_stats for every name an EasyEdit may look under)."""
+    return model_names_for_stats(model)[0]
+
+
+def model_names_for_stats(model: torch.nn.Module) -> list:
+    """Every directory name under which an installed-or-not EasyEdit looks for this model's statistics."""
+    from .easyedit.compat import stats_model_dir_names
+
+    return stats_model_dir_names(str(getattr(model.config, "_name_or_path", "") or type(model).__name__))
 
 
 # --------------------------------------------------------------------------- the embedded default model

@@ -53,13 +53,13 @@ def _batch_kwargs(records: Sequence[Dict]) -> Dict[str, List[str]]:
 def edit_time(model, tok, hparams, memit_hparams, records: Sequence[Dict]) -> Dict[str, object]:
     """Seconds per edit for one batch of `records` with CoachHooK (and its split) and EasyEdit's MEMIT."""
     from . import method, remove_coachhook
-    from .easyedit.compat import editing_context, make_editor, memit_context_templates
+    from .easyedit.compat import consecutive_edit_kwargs, editing_context, make_editor, memit_context_templates
 
     n = len(records)
     editor = make_editor(hparams, model, tok)
     with editing_context(), phase_timer(method) as split:
         t = time.perf_counter()
-        editor.batch_edit(**_batch_kwargs(records), keep_original_weight=False, verbose=False)
+        editor.batch_edit(**_batch_kwargs(records), verbose=False, **consecutive_edit_kwargs())
         coachhook_s = time.perf_counter() - t
     remove_coachhook(model)
     split["other"] = coachhook_s - sum(split.values())
@@ -69,7 +69,7 @@ def edit_time(model, tok, hparams, memit_hparams, records: Sequence[Dict]) -> Di
     editor = make_editor(memit_hparams, model, tok)
     with editing_context(), memit_context_templates(hparams.context_templates or ["{}"]):
         t = time.perf_counter()
-        editor.batch_edit(**_batch_kwargs(records), keep_original_weight=False, verbose=False)
+        editor.batch_edit(**_batch_kwargs(records), verbose=False, **consecutive_edit_kwargs())
         memit_s = time.perf_counter() - t
     with torch.no_grad():  # MEMIT wrote into the weights: put them back for whoever measures next
         params = dict(model.named_parameters())

@@ -8,6 +8,7 @@ Writing exactly that lets EasyEdit's MEMIT/ROME and CoachHooK share one file.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .edit_requests import pad_id_of, pad_right
-from .models import get_module, model_device, model_name_for_stats
+from .models import get_module, model_device, model_names_for_stats
 
 
 class StatsError(FileNotFoundError):
@@ -29,9 +30,44 @@ def second_moment_path(stats_dir, model_name: str, dataset: str, layer_name: str
     return Path(stats_dir) / model_name / f"{dataset}_stats" / f"{layer_name}_{dtype}_mom2{suffix}.npz"
 
 
+def paths_for(model, hparams, layer_name: str) -> List[Path]:
+    """The file for this layer under every model folder name an EasyEdit reads (PyPI and GitHub EasyEdit
+    name the folder differently for hub ids and local paths); the first is where new files are written."""
+    return [second_moment_path(hparams.stats_dir, name, hparams.mom2_dataset, layer_name, hparams.mom2_dtype,
+                               hparams.mom2_n_samples) for name in model_names_for_stats(model)]
+
+
 def path_for(model, hparams, layer_name: str) -> Path:
-    return second_moment_path(hparams.stats_dir, model_name_for_stats(model), hparams.mom2_dataset,
-                              layer_name, hparams.mom2_dtype, hparams.mom2_n_samples)
+    """This layer's statistics file: the first that exists among `paths_for` (so files written by either
+    EasyEdit are found), else the one new files are written to."""
+    paths = paths_for(model, hparams, layer_name)
+    return next((p for p in paths if p.exists()), paths[0])
+
+
+def share_with_every_easyedit(model, hparams, layer_name: str) -> List[Path]:
+    """Make an existing statistics file visible under every folder name an EasyEdit reads (a hard link, or a
+    copy where links are impossible); existing files are left alone. Returns the paths that exist now."""
+    paths = paths_for(model, hparams, layer_name)
+    source = next((p for p in paths if p.exists()), None)
+    if source is None:
+        return []
+    for p in paths:
+        if p.exists():
+            continue
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=p.parent)  # link/copy under a temp name, then rename:
+        os.close(fd)                                             # a reader never sees a partial file
+        os.remove(tmp)
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, p)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return [p for p in paths if p.exists()]
 
 
 def save_second_moment(path: Path, mom2_sum: torch.Tensor, count: int, n_samples) -> None:
@@ -161,7 +197,8 @@ def sample_texts(model, tok, n: int, max_new_tokens: int = 128, seed: int = 0, b
 
 
 def ensure_stats(model, tok, hparams, texts, layer_names: Sequence[str] = None, **kw) -> List[Path]:
-    """Compute and write the statistics files hparams point at, skipping those that exist.
+    """Compute and write the statistics files hparams point at, skipping those that exist, and make each
+    visible under every model folder name an EasyEdit reads (`share_with_every_easyedit`).
 
     `texts`: a sequence of strings, or a callable returning one (called only if a file is missing)."""
     layer_names = layer_names or [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
@@ -171,4 +208,6 @@ def ensure_stats(model, tok, hparams, texts, layer_names: Sequence[str] = None, 
             texts = texts()
         for n, (s, c) in compute_second_moments(model, tok, texts, todo, **kw).items():
             save_second_moment(path_for(model, hparams, n), s, c, hparams.mom2_n_samples)
+    for n in layer_names:  # PyPI and GitHub EasyEdit's MEMIT/ROME look under different folder names
+        share_with_every_easyedit(model, hparams, n)
     return [path_for(model, hparams, n) for n in layer_names]

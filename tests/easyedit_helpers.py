@@ -159,8 +159,15 @@ def predict_next(model, tok, prompt: str) -> str:
 
 def stats_file(stats_dir, model_name_or_path: str, layer_name: str, mom2_dataset: str, mom2_dtype: str,
                mom2_n_samples: int) -> Path:
-    """Where EasyEdit's ``layer_stats`` looks for ``to_collect=['mom2']`` (no batch_tokens)."""
+    """Where PyPI EasyEdit's ``layer_stats`` looks for ``to_collect=['mom2']`` (no batch_tokens)."""
     return (Path(stats_dir) / model_name_or_path.replace("/", "_") / f"{mom2_dataset}_stats"
+            / f"{layer_name}_{mom2_dtype}_mom2_{mom2_n_samples}.npz")
+
+
+def github_stats_file(stats_dir, model_name_or_path: str, layer_name: str, mom2_dataset: str, mom2_dtype: str,
+                      mom2_n_samples: int) -> Path:
+    """Where GitHub EasyEdit's ``layer_stats`` looks: the folder is the last component of the name."""
+    return (Path(stats_dir) / model_name_or_path.rsplit("/")[-1] / f"{mom2_dataset}_stats"
             / f"{layer_name}_{mom2_dtype}_mom2_{mom2_n_samples}.npz")
 
 
@@ -210,15 +217,16 @@ def write_mom2_stats(model, tok, stats_dir, layers: Sequence[int], rewrite_modul
             h.remove()
     out = {}
     for layer in layers:
-        path = stats_file(stats_dir, model.config._name_or_path, rewrite_module_tmp.format(layer),
-                          mom2_dataset, mom2_dtype, mom2_n_samples)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **{
-            "mom2.constructor": np.array("easyeditor.util.runningstats.SecondMoment()"),
-            "mom2.count": np.array(counts[layer]),
-            "mom2.mom2": sums[layer].numpy().astype(mom2_dtype),
-            "sample_size": np.array(mom2_n_samples),
-        })
+        where = (stats_dir, model.config._name_or_path, rewrite_module_tmp.format(layer), mom2_dataset, mom2_dtype,
+                 mom2_n_samples)
+        for path in (github_stats_file(*where), stats_file(*where)):  # as each EasyEdit would have cached it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **{
+                "mom2.constructor": np.array("easyeditor.util.runningstats.SecondMoment()"),
+                "mom2.count": np.array(counts[layer]),
+                "mom2.mom2": sums[layer].numpy().astype(mom2_dtype),
+                "sample_size": np.array(mom2_n_samples),
+            })
         out[layer] = path
     return out
 

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import easyedit_helpers as H  # noqa: E402
 from test_bench import tiny_method_hparams  # noqa: E402
 
+pytestmark = pytest.mark.easyedit  # also run against GitHub EasyEdit by `make test-github`
+
 REPO = Path(__file__).resolve().parents[1]
 EDIT = dict(prompt="The capital of France", subject="France", target_new="Rome", ground_truth="Paris")
 OTHER = "The capital of Japan"

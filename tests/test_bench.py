@@ -11,6 +11,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import easyedit_helpers as H  # noqa: E402
 
+pytestmark = pytest.mark.easyedit  # also run against GitHub EasyEdit by `make test-github`
+
 #: CounterFact-shaped records the tiny model can be edited on (subjects are the prompts' last words)
 TINY_RECORDS = [
     dict(prompt="The capital of France", subject="France", target_new="Rome", ground_truth="Paris",

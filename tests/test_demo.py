@@ -58,8 +58,9 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, gpt2_tok, ee):
     for row in saved["methods"].values():
         assert all(0.0 <= row[m] <= 1.0 for m in demo.METRICS)
         assert len(row["generations"]) == 3
-    # both methods wrote into the same statistics files, computed once from the corpus
-    assert len(list(stats.rglob("*.npz"))) == 2
+    # both methods wrote into the same statistics files, computed once from the corpus (each file is also
+    # linked under the other EasyEdit's model folder name: a local path names it differently in PyPI and GitHub)
+    assert len({p.stat().st_ino for p in stats.rglob("*.npz")}) == 2
     # a random 4-layer model cannot learn these multi-token facts; that the edits happened shows in the
     # state (two consecutive batches) and in the unrelated prompts that moved (the quality is measured on
     # SmolLM2 by the demo itself)

@@ -14,6 +14,7 @@ import easyedit_helpers as H  # noqa: E402
 
 from coachhook_plugin.easyedit import compat  # noqa: E402
 
+pytestmark = pytest.mark.easyedit  # also run against GitHub EasyEdit by `make test-github`
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -250,7 +251,7 @@ def _edit_and_check(ee, hparams, expect_changed=True):
     assert compat.install()
     editor = BaseEditor.from_hparams(hparams)
     assert isinstance(editor.model_name, str) and editor.model.device.type in ("cpu", "cuda")
-    metrics, edited, _ = editor.edit(**EDIT, keep_original_weight=False, verbose=False)
+    metrics, edited, _ = editor.edit(**EDIT, verbose=False, **compat.consecutive_edit_kwargs("edit"))
     m = compat.to_builtin(metrics)[0]
     json.dumps(m)
     pre, post = m["pre"]["rewrite_acc"], m["post"]["rewrite_acc"]

@@ -13,6 +13,8 @@ import easyedit_helpers as H  # noqa: E402
 
 from coachhook_plugin.easyedit import compat, registry  # noqa: E402
 
+pytestmark = pytest.mark.easyedit  # also run against GitHub EasyEdit by `make test-github`
+
 NAME = "DummyDelta"
 PARAM = "transformer.ln_f.bias"
 
@@ -51,7 +53,11 @@ def dummy(ee):
         with torch.no_grad():
             p += hparams.delta
         calls.append([r["prompt"] for r in requests])
-        return model, ({PARAM: orig} if keep_original_weight else {})
+        # the originals go back to the editor when it will restore them: PyPI restores whatever it gets (so only
+        # with keep_original_weight), GitHub decides itself (sequential_edit) and asks with return_orig_weights
+        editor_decides = "sequential_edit" in compat.consecutive_edit_kwargs()
+        wanted = return_orig_weights if editor_decides else keep_original_weight
+        return model, ({PARAM: orig} if wanted else {})
 
     registry.register_method(NAME, apply_dummy, batchable=True, callable_restore=False)
     yield apply_dummy, calls
@@ -105,15 +111,18 @@ def test_base_editor_dispatches_registered_method(ee, dummy, hparams_cls, tmp_pa
     assert isinstance(editor.model_name, str) and hparams.model_name == editor.model_name
     before = editor.model.get_parameter(PARAM).detach().clone()
     metrics, edited, weights_copy = editor.edit(prompts="The capital of France", target_new="Rome",
-                                                ground_truth="Paris", keep_original_weight=False, verbose=False)
+                                                ground_truth="Paris", verbose=False,
+                                                **compat.consecutive_edit_kwargs("edit"))
     assert calls == [["The capital of France"]]
     after = edited.get_parameter(PARAM)
     assert torch.allclose(after, before + 0.5)  # the edit stayed (keep_original_weight=False)
     assert compat.to_builtin(metrics)[0]["post"]["rewrite_acc"] is not None
     assert not (tmp_path / "logs").exists()
 
-    # keep_original_weight=True: EasyEdit restores from the returned weights dict
-    editor.edit(prompts="The capital of Italy", target_new="Paris", keep_original_weight=True, verbose=False)
+    # single-round (keep_original_weight=True on PyPI, sequential_edit=False on GitHub): EasyEdit restores from
+    # the returned weights dict
+    editor.edit(prompts="The capital of Italy", target_new="Paris", verbose=False,
+                **compat.single_round_edit_kwargs("edit"))
     assert torch.allclose(editor.model.get_parameter(PARAM), before + 0.5)
 
 
@@ -127,36 +136,48 @@ def test_batch_edit_dispatches_registered_method(ee, dummy, hparams_cls):
     assert editor.model is model and editor.tok is tok
     assert editor.model_name == H.MODEL_TAG and hparams.model_name == H.MODEL_TAG
     prompts = [p for p, _, _ in H.FACTS[:3]]
-    metrics, _, _ = editor.batch_edit(prompts=prompts, target_new=["Rome", "Paris", "Tokyo"],
-                                      keep_original_weight=False, verbose=False)
+    metrics, _, _ = editor.batch_edit(prompts=prompts, target_new=["Rome", "Paris", "Tokyo"], verbose=False,
+                                      **compat.consecutive_edit_kwargs())
     assert calls == [prompts[:2], prompts[2:]]  # chunks of batch_size, one dispatch each
-    assert len(metrics) == 1  # PyPI quirk: batch_edit returns the metrics of the last chunk only
+    # PyPI quirk: batch_edit returns the metrics of the last chunk only; GitHub EasyEdit returns every record's
+    assert len(metrics) == (len(prompts) if "sequential_edit" in compat.consecutive_edit_kwargs() else 1)
     assert "pre" in metrics[0] and "post" in metrics[0]
 
 
-def test_callable_restore_works_with_pypi_editor(ee, hparams_cls):
+def test_callable_restore_works_with_either_editor(ee, hparams_cls):
+    """PyPI EasyEdit restores through ``weights_copy.items()``, GitHub EasyEdit (CALLABLE_RESTORE_ALGS) calls
+    ``weights_copy()``; a registered hook method's restore callable serves both, and a method that returns
+    nothing to restore must not crash GitHub's unconditional ``weights_copy()``."""
     from easyeditor import BaseEditor
 
     restored = []
+    returns_nothing = []
+    editor_decides = "sequential_edit" in compat.consecutive_edit_kwargs()
 
-    def apply_hooked(model, tok, requests, hparams, keep_original_weight=False, **kwargs):
+    def apply_hooked(model, tok, requests, hparams, keep_original_weight=False, return_orig_weights=False,
+                     **kwargs):
         handle = model.transformer.ln_f.register_forward_hook(lambda m, i, o: o + 0.0)
 
         def restore():
             handle.remove()
             restored.append(True)
 
-        return model, (restore if keep_original_weight else None)
+        wanted = (return_orig_weights if editor_decides else keep_original_weight) and not returns_nothing
+        return model, (restore if wanted else None)
 
     registry.register_method("DummyHook", apply_hooked, batchable=False, callable_restore=True)
     try:
         model, tok = H.tiny_model()
         editor = BaseEditor.from_hparams(hparams_cls(alg_name="DummyHook", model_name=(model, tok)))
-        _, _, weights_copy = editor.edit(prompts="The capital of Spain", target_new="Rome",
-                                         keep_original_weight=True, verbose=False)
-        assert restored == [True]  # PyPI's `.items()` loop ran the restore callable
+        _, _, weights_copy = editor.edit(prompts="The capital of Spain", target_new="Rome", verbose=False,
+                                         **compat.single_round_edit_kwargs("edit"))
+        assert restored == [True]  # PyPI's `.items()` loop / GitHub's `weights_copy()` ran the restore callable
         assert isinstance(weights_copy, registry.RestoreHandle) and weights_copy.restored
         weights_copy()  # at most once
+        assert restored == [True]
+        returns_nothing.append(True)
+        editor.edit(prompts="The capital of Spain", target_new="Rome", verbose=False,
+                    **compat.single_round_edit_kwargs("edit"))  # None -> an empty, callable no-op handle
         assert restored == [True]
         from easyeditor.editors.batch_editor import BatchEditor
 

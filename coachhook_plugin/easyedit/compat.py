@@ -41,7 +41,7 @@ import threading
 import types
 from dataclasses import asdict, is_dataclass
 from pathlib import PurePath
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -249,13 +249,28 @@ def import_easyeditor():
         return module
 
 
+_import_failure: Dict[str, BaseException] = {}  # the last failed `import easyeditor`, for registration warnings
+
+
 def easyeditor_available() -> bool:
     try:
         import_easyeditor()
+        _import_failure.clear()
         return True
     except Exception as exc:  # not installed, or broken beyond what we fix
         LOG.debug("easyeditor is not importable: %s", exc)
+        _import_failure["error"] = exc
         return False
+
+
+def easyeditor_import_error() -> Optional[BaseException]:
+    """Why the last attempt to import ``easyeditor`` failed (None if it did not fail)."""
+    return _import_failure.get("error")
+
+
+def easyeditor_not_installed(exc: Optional[BaseException]) -> bool:
+    """Is ``exc`` "there is no easyeditor at all" (as opposed to an easyeditor that fails to import)?"""
+    return isinstance(exc, ModuleNotFoundError) and exc.name == "easyeditor"
 
 
 def _ee_module(name: str):
@@ -264,6 +279,22 @@ def _ee_module(name: str):
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+def stats_model_dir_names(name_or_path: str) -> List[str]:
+    """The folder names under ``stats_dir`` where EasyEdit's statistics readers look for a model whose
+    ``config._name_or_path`` is ``name_or_path``, most widely used first (deduplicated, never empty).
+
+    Both EasyEdits' MEMIT/ROME/AlphaEdit covariance helpers key their caches by ``name.replace("/", "_")``;
+    the file itself is named by ``layer_stats``, which uses that name in PyPI EasyEdit and
+    ``name.rsplit("/")[-1]`` (the last path component) in newer EasyEdit. For a hub id or a local path the two
+    differ (``org/model`` -> ``org_model`` vs ``model``); a file under every name is found by both."""
+    name = str(name_or_path)
+    names = []
+    for candidate in (name.replace("/", "_"), name.rsplit("/")[-1]):
+        if candidate and candidate not in names:
+            names.append(candidate)
+    return names or [name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -646,6 +677,7 @@ def editing_context(force_cpu: bool = False) -> Iterator[None]:
             stack.enter_context(cpu_fallback(force=force_cpu))
             stack.enter_context(block_output_compat())
             stack.enter_context(lora_compat())
+            stack.enter_context(results_file_compat())
             yield
     finally:
         _ctx_state.depth = 0
@@ -679,6 +711,65 @@ def memit_context_templates(templates: Sequence[str]) -> Iterator[None]:
 
 
 _LOG_DIR: Optional[str] = None
+_LOGS_DIR_NAMES = ("logs", "./logs", "logs/", "./logs/")
+
+
+class _LogsDirPath(types.ModuleType):
+    """``os.path`` as EasyEdit's ``summary_metrics`` sees it under :func:`results_file_compat`."""
+
+    def __init__(self, target: Optional[str]):
+        super().__init__("os.path")
+        self._target = target
+
+    def __getattr__(self, name):
+        return getattr(os.path, name)
+
+    def exists(self, path):
+        if path in _LOGS_DIR_NAMES:
+            return True if self._target is None else os.path.exists(self._target)
+        return os.path.exists(path)
+
+    def join(self, path, *rest):
+        if path in _LOGS_DIR_NAMES:
+            return os.devnull if self._target is None else os.path.join(self._target, *rest)
+        return os.path.join(path, *rest)
+
+
+class _LogsDirOs(types.ModuleType):
+    """``os`` as EasyEdit's ``summary_metrics`` sees it: ``./logs`` is the configured log directory, or
+    nowhere (the results file goes to ``os.devnull``)."""
+
+    def __init__(self, target: Optional[str]):
+        super().__init__("os")
+        self._target = target
+        self.path = _LogsDirPath(target)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def makedirs(self, path, *args, **kwargs):
+        if path in _LOGS_DIR_NAMES:
+            if self._target is not None:
+                os.makedirs(self._target, exist_ok=True)
+            return None
+        return os.makedirs(path, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def results_file_compat() -> Iterator[None]:
+    """Scoped: newer EasyEdit's ``summary_metrics`` (called by ``edit``) writes ``./logs/results.json`` into
+    the working directory; like ``run.log`` it goes to :func:`set_log_dir`'s directory, or nowhere."""
+    utils = _ee_module("easyeditor.editors.utils")
+    summary = getattr(utils, "summary_metrics", None)
+    module_globals = getattr(summary, "__globals__", None)
+    if module_globals is None or module_globals.get("os") is not os:
+        yield
+        return
+    module_globals["os"] = _LogsDirOs(_log_dir())
+    try:
+        yield
+    finally:
+        module_globals["os"] = os
 _log_handlers: Dict[str, logging.Handler] = {}
 
 
@@ -832,6 +923,33 @@ def _scoped_method(orig):
     return method
 
 
+#: BaseEditor methods that hand the method one request per call (``[request]``) in every EasyEdit. GitHub
+#: EasyEdit asserts ``hparams.batch_size == 1`` in them, PyPI EasyEdit sets it to 1 for good; the shipped
+#: hparams carry the batch size ``batch_edit`` uses (CoachHooK: 10).
+ONE_REQUEST_PER_CALL_METHODS = ("edit", "edit_requests", "generate_edit")
+
+
+def _one_request_per_call(orig):
+    """While ``orig`` runs, the editor's ``hparams.batch_size`` reads 1 (what these methods do anyway: one
+    request per call), so GitHub EasyEdit's "Single Editing: batch_size should be set to 1" assertion holds
+    with the shipped hparams; the user's value is put back afterwards, also on error. Nested calls
+    (``edit`` -> ``edit_requests``) are handled by the outermost one."""
+    @functools.wraps(orig)
+    def method(self, *args, **kwargs):
+        hparams = getattr(self, "hparams", None)
+        batch_size = getattr(hparams, "batch_size", None)
+        if batch_size is None or batch_size == 1:
+            return orig(self, *args, **kwargs)
+        hparams.batch_size = 1
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            hparams.batch_size = batch_size
+
+    method.__coachhook_patch__ = True
+    return method
+
+
 #: BaseEditor methods that run EasyEdit editing / evaluation code (whichever exist)
 EDITOR_METHODS = ("edit", "batch_edit", "edit_dataset", "edit_requests", "sequential_edit",
                   "normal_edit", "generate_edit")
@@ -858,7 +976,10 @@ def install() -> bool:
         fn = base.__dict__.get(name)
         if callable(fn) and not getattr(fn, "__coachhook_patch__", False):
             _installed[name] = fn
-            setattr(base, name, _scoped_method(fn))
+            patched = _scoped_method(fn)
+            if name in ONE_REQUEST_PER_CALL_METHODS:
+                patched = _one_request_per_call(patched)
+            setattr(base, name, patched)
     _installed["__class__"] = base
     return True
 
@@ -990,6 +1111,37 @@ def restore_weights(model, weights_copy) -> None:
                 p[...] = value.to(device=p.device, dtype=p.dtype)
         return
     raise TypeError(f"cannot restore from {type(weights_copy).__name__}")
+
+
+def _editor_parameter(method: str, name: str) -> bool:
+    """Whether this EasyEdit's ``BaseEditor.<method>`` declares the parameter ``name`` (not via ``**kwargs``)."""
+    editor_module = _ee_module("easyeditor.editors.editor")
+    fn = getattr(getattr(editor_module, "BaseEditor", None), method, None)
+    if fn is None:
+        return False
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def consecutive_edit_kwargs(method: str = "batch_edit") -> Dict[str, bool]:
+    """Keyword arguments that make ``BaseEditor.edit`` / ``batch_edit`` *keep* each call's edit, so that
+    repeated calls accumulate (consecutive editing), in whichever EasyEdit is installed.
+
+    Newer EasyEdit rolls every call back unless ``sequential_edit=True``; PyPI EasyEdit keeps edits unless
+    ``keep_original_weight=True``. Use as ``editor.batch_edit(..., **consecutive_edit_kwargs())``."""
+    if _editor_parameter(method, "sequential_edit"):
+        return {"sequential_edit": True}
+    return {"keep_original_weight": False}
+
+
+def single_round_edit_kwargs(method: str = "batch_edit") -> Dict[str, bool]:
+    """Keyword arguments that make ``edit`` / ``batch_edit`` roll each call back after its evaluation
+    (single-round editing): ``sequential_edit=False`` (newer EasyEdit), ``keep_original_weight=True`` (PyPI)."""
+    if _editor_parameter(method, "sequential_edit"):
+        return {"sequential_edit": False}
+    return {"keep_original_weight": True}
 
 
 def accepts_kwarg(fn: Callable, name: str) -> bool:

@@ -76,10 +76,17 @@ class RestoreHandle(dict):
         return f"RestoreHandle({getattr(self._restore_fn, '__name__', self._restore_fn)!r}, restored={self.restored})"
 
 
-def as_weights_copy(restore: Any) -> Any:
-    """Normalise what an ``apply_fn`` returned as its second value for both EasyEdit flavours."""
+def _nothing_to_restore():
+    return None
+
+
+def as_weights_copy(restore: Any, callable_restore: bool = False) -> Any:
+    """Normalise what an ``apply_fn`` returned as its second value for both EasyEdit flavours.
+
+    ``None`` (nothing to restore) becomes ``{}``, or, for a method listed in newer EasyEdit's
+    ``CALLABLE_RESTORE_ALGS`` (which calls ``weights_copy()`` unconditionally), an empty no-op handle."""
     if restore is None:
-        return {}
+        return RestoreHandle(_nothing_to_restore) if callable_restore else {}
     if isinstance(restore, dict):
         return restore
     if callable(restore):
@@ -93,7 +100,8 @@ def _dispatch_adapter(name: str, apply_fn: Callable) -> Callable:
         result = apply_fn(*args, **kwargs)
         if isinstance(result, tuple) and len(result) == 2:
             model, restore = result
-            return model, as_weights_copy(restore)
+            spec = _METHODS.get(name)
+            return model, as_weights_copy(restore, callable_restore=bool(spec and spec.callable_restore))
         return result
 
     dispatch.__coachhook_method__ = name
@@ -240,21 +248,42 @@ def registered_methods() -> Dict[str, MethodSpec]:
     return dict(_METHODS)
 
 
+class RegistrationWarning(UserWarning):
+    """CoachHooK could not be registered with an EasyEdit that is installed."""
+
+
+def warn_registration_failed(exc: BaseException, what: str = "`import easyeditor`") -> None:
+    """A visible warning (never silence) that EasyEdit will not know "CoachHooK", with the import error."""
+    import warnings
+
+    warnings.warn(
+        f"coachhook-plugin: CoachHooK is NOT registered with EasyEdit: {what} failed with "
+        f"{type(exc).__name__}: {exc}. Install what it names into this environment (for GitHub EasyEdit: its "
+        f"requirements.txt; the README's 'Supported EasyEdit versions' lists what the plugin stands in for), "
+        f"then call coachhook_plugin.register() (or start Python again).",
+        RegistrationWarning, stacklevel=3)
+
+
 def register() -> bool:
     """Register CoachHooK with EasyEdit. Safe to call anywhere, any number of times.
 
     Returns True when ``"CoachHooK"`` is dispatchable by EasyEdit afterwards; False (without raising)
-    when easyeditor is not importable or the CoachHooK method modules are not available yet.
+    when easyeditor is not importable or the CoachHooK method modules are not available yet. No EasyEdit
+    installed at all stays quiet; an EasyEdit that fails to import is a :class:`RegistrationWarning`
+    carrying the import error.
     """
     if not compat.install():
-        LOG.debug("easyeditor is not importable: CoachHooK not registered with EasyEdit")
+        exc = compat.easyeditor_import_error()
+        if exc is None or compat.easyeditor_not_installed(exc):  # no EasyEdit at all: nothing to register with
+            LOG.debug("easyeditor is not installed: CoachHooK not registered with EasyEdit")
+        else:  # an EasyEdit that fails to import: say so, or the user only finds out when "CoachHooK" is unknown
+            warn_registration_failed(exc)
         return False
     try:
         from coachhook_plugin.method import apply_coachhook_to_model
         from coachhook_plugin.hparams import CoachHooKHyperParams
     except ImportError as exc:
-        LOG.debug("CoachHooK method not available (%s): EasyEdit compatibility installed, CoachHooK "
-                  "not registered", exc)
+        warn_registration_failed(exc, what="the CoachHooK method modules")
         return False
     ok = register_method("CoachHooK", apply_coachhook_to_model, CoachHooKHyperParams, batchable=True,
                          callable_restore=True, padding_side="right")
