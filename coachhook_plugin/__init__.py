@@ -3,6 +3,7 @@
     import coachhook_plugin            # registers "CoachHooK" with EasyEdit when easyeditor is importable
     from coachhook_plugin import CoachHooKHyperParams, apply_coachhook_to_model
 """
+from ._version import __version__  # a leaf module: the state files (persistence) read it too
 from .hparams import CoachHooKHyperParams, HyperParamsError
 from .edit_requests import RequestError
 from .method import StaleRestoreError, apply_coachhook_to_model, get_state, remove_coachhook
@@ -12,7 +13,6 @@ from .persistence import PersistenceError, UndoError, load_coachhook, save_coach
 __all__ = ["CoachHooKHyperParams", "HyperParamsError", "RequestError", "StatsError", "apply_coachhook_to_model",
            "get_state", "remove_coachhook", "register", "save_coachhook", "load_coachhook", "undo_coachhook",
            "PersistenceError", "UndoError", "StaleRestoreError"]
-__version__ = "0.1.0"
 
 
 def register() -> bool:

@@ -31,13 +31,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from ._version import __version__
+from .files import atomic_write, atomic_write_json
 from .hparams import CoachHooKHyperParams, HyperParamsError
 from .method import ensure_state, get_state, remove_coachhook
 from .models import get_module
@@ -61,48 +62,6 @@ class PersistenceError(ValueError):
 
 class UndoError(ValueError):
     """More batches were asked to be undone than the journal holds; nothing was changed."""
-
-
-# --------------------------------------------------------------------------- atomic writes
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Write `path` atomically: `write(tmp)` fills a temporary file in the same folder, which is fsynced and
-    renamed over `path`. A crash at any point leaves either the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> Path:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-
-    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -202,8 +161,6 @@ def save_coachhook(model: torch.nn.Module, path: PathLike, extra: Optional[Dict[
 
 
 def _library_version() -> str:
-    from . import __version__
-
     return __version__
 
 

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..files import atomic_write
+
 TABLE_METRICS = (("reliability", "Reliability"), ("generality", "Generality"), ("locality", "Locality"),
                  ("average", "Average"), ("generative_reliability", "Gen. reliability"))
 CURVE_METRICS = ("reliability", "generality", "locality", "generative_reliability")
@@ -30,9 +32,8 @@ def plain(obj):
 
 
 def write_json(path: Path, results: Dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plain(results), indent=2))
-    tmp.replace(path)
+    text = json.dumps(plain(results), indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _ranks(values: Dict[str, Optional[float]]) -> Dict[str, int]:
