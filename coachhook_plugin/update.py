@@ -17,17 +17,10 @@ import torch
 MAX_CHOL_DIAG_RATIO = 1e7
 
 
-def accumulated_keys(prior: torch.Tensor, key_gram: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Tensor:
-    """C_accu = λ·E[kkᵀ] + Σ earlier K'K'ᵀ + K Kᵀ, float64 (d_in × d_in)."""
-    k = keys.double()
-    c = prior.to(torch.float64, copy=True).mul_(lam)
-    c.add_(key_gram.to(c.device, torch.float64))
-    return c.addmm_(k, k.t())
-
-
 def accumulated_keys_for(hook, prior: torch.Tensor, keys: torch.Tensor, lam: float) -> torch.Tensor:
-    """The same C_accu for a HookLayer, reading its stored keys (or Gram) without materialising Σ K'K'ᵀ
-    separately: one d_in × d_in float64 buffer in all."""
+    """C_accu = λ·E[kkᵀ] + Σ earlier K'K'ᵀ + K Kᵀ, float64 (d_in × d_in), for a HookLayer `hook` (its stored
+    keys, or their Gram, are the earlier batches') and this batch's keys K (d_in × n). Σ K'K'ᵀ is added in
+    place, never materialised separately: one d_in × d_in float64 buffer in all."""
     k = keys.double().to(prior.device)
     c = prior.to(torch.float64, copy=True).mul_(lam)
     hook.add_gram_to(c)

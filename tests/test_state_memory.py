@@ -5,7 +5,7 @@ import torch
 
 from coachhook_plugin.hook import CALIBRATED, PAPER, TEMPORARY, VALIDATED, HookLayer
 from coachhook_plugin.profiling import dense_bound_bytes, simulate_layer_bytes, state_bytes_table
-from coachhook_plugin.update import accumulated_keys, accumulated_keys_for, hook_update
+from coachhook_plugin.update import accumulated_keys_for, hook_update
 
 D_IN, D_OUT = 24, 8  # low rank while r·32 < 192 (r ≤ 5); keys while n < 24
 
@@ -39,7 +39,7 @@ def test_low_rank_then_dense_equals_dense_accumulation_and_gates_identically():
     x = torch.randn(3, 7, D_IN)
     x[1, 4] *= 8  # an outlier key
     for K, R in _batches(8):
-        C_expected = accumulated_keys(torch.eye(D_IN, dtype=torch.float64), gram, K, 0.5)
+        C_expected = 0.5 * torch.eye(D_IN, dtype=torch.float64) + gram + K.double() @ K.double().t()
         assert torch.allclose(accumulated_keys_for(h, torch.eye(D_IN, dtype=torch.float64), K, 0.5), C_expected)
         dense_sum += _step(h, K, R)
         gram += K.double() @ K.double().t()

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from coachhook_plugin.hook import TEMPORARY, VALIDATED, HookLayer, paper_zscores
-from coachhook_plugin.update import accumulated_keys, hook_update
+from coachhook_plugin.update import accumulated_keys_for, hook_update
+
+
+def c_accu(prior, keys, lam, earlier=None):
+    """C_accu through the package's own path: a hook layer that has seen the `earlier` keys (d_in × m)."""
+    hook = HookLayer("lin", torch.nn.Linear(prior.shape[0], 3), alpha_z=1.0)
+    if earlier is not None:
+        hook.add_keys(earlier)
+    return accumulated_keys_for(hook, prior, keys, lam)
 
 
 def test_update_matches_independent_closed_form():
@@ -15,10 +23,10 @@ def test_update_matches_independent_closed_form():
     R = torch.randn(d_out, n, generator=g)
     A = torch.randn(d_in, d_in, generator=g)
     prior = (A @ A.t() / d_in).double()
-    earlier = torch.randn(d_in, 5, generator=g).double()
-    gram = earlier @ earlier.t()
+    earlier = torch.randn(d_in, 5, generator=g)  # float32, as a hook layer stores keys: exact in float64
+    gram = earlier.double() @ earlier.double().t()
     lam = 3.0
-    delta = hook_update(R, K, accumulated_keys(prior, gram, K, lam))
+    delta = hook_update(R, K, c_accu(prior, K, lam, earlier))
     expected = R.double() @ K.double().t() @ torch.linalg.inv(lam * prior + gram + K.double() @ K.double().t())
     assert torch.allclose(delta, expected, rtol=1e-9, atol=1e-10)
 
@@ -27,11 +35,11 @@ def test_update_drives_residual_to_zero_with_small_lambda():
     g = torch.Generator().manual_seed(1)
     K = torch.randn(16, 4, generator=g)
     R = torch.randn(8, 4, generator=g)
-    delta = hook_update(R, K, accumulated_keys(torch.eye(16), torch.zeros(16, 16), K, 1e-4))
+    delta = hook_update(R, K, c_accu(torch.eye(16), K, 1e-4))
     left = R.double() - delta @ K.double()
     assert left.norm() <= 0.1 * R.norm()
     # with a large λ the update is damped instead
-    big = hook_update(R, K, accumulated_keys(torch.eye(16), torch.zeros(16, 16), K, 1e4))
+    big = hook_update(R, K, c_accu(torch.eye(16), K, 1e4))
     assert (big @ K.double()).norm() < 0.01 * R.norm()
 
 
@@ -39,7 +47,7 @@ def test_singular_accumulator_gets_beta_identity_with_warning():
     K = torch.zeros(6, 2)
     K[0, 0] = 1.0
     with pytest.warns(RuntimeWarning, match="β·I"):
-        delta = hook_update(torch.ones(3, 2), K, accumulated_keys(torch.zeros(6, 6), torch.zeros(6, 6), K, 1.0))
+        delta = hook_update(torch.ones(3, 2), K, c_accu(torch.zeros(6, 6), K, 1.0))
     assert torch.isfinite(delta).all()
 
 
