@@ -169,6 +169,17 @@ def token_index_of_char(tok, text: str, char_end: int) -> Tuple[List[int], int]:
     return ids, min(len(prefix_ids), len(ids)) - 1
 
 
+def fact_token_index(tok, text: str, subject_end: int, fact_token: str = "subject_last") -> Tuple[List[int], int]:
+    """ids of text and the index of the token edits read and write (hparams `fact_token`, MEMIT's names):
+    "subject_last" the subject's last token (it ends at character `subject_end`), "last" the text's last token."""
+    if fact_token == "last":
+        ids, _ = encode(tok, text)
+        return ids, len(ids) - 1
+    if fact_token != "subject_last":
+        raise ValueError(f"fact_token must be 'subject_last' or 'last', got {fact_token!r}")
+    return token_index_of_char(tok, text, subject_end)
+
+
 def target_ids(tok, target: str) -> List[int]:
     ids = list(tok(target, add_special_tokens=False)["input_ids"])
     if not ids:

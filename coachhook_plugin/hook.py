@@ -1,4 +1,4 @@
-"""The hook layer (a copy W_h of a down-projection) and its gates (paper Eq. 16–18, and a calibrated gate).
+"""The hook layer (a copy W_h of a down-projection, paper Eq. 16) and its state.
 
 W_h is kept as W_0 + Δ: the base weight W_0 is never touched, W_h k and W_0 k differ by exactly Δk (no
 cancellation error in M = ‖W_h k − W_0 k‖), and the hook's output is the module's own output plus Δk where
@@ -15,71 +15,26 @@ only place that does — allocation, `state_bytes` and profiling all go through 
 The largest state is therefore the reference implementation's dense one (a d_in² C_accu and a d_out × d_in
 copy, float32), reached only after d_in edits.
 
-Modes:
-  temporary  every token takes W_h's output (used while a batch is being written, paper Sec. 3.2)
-  validated  a token takes W_h's output only where its gate fires (z ≥ α)
-Gates (`gate`, one α per gate and layer, both kept up to date so the gate can be switched on an edited model):
-  paper       z of M_t standardised over the tokens of its own sequence in the current forward call (Eq. 18)
-  calibrated  z_t = (M_t − μ) / σ with μ, σ the mean and standard deviation of M over the real tokens of a
-              fixed set of unedited calibration prompts, measured after every batch (`calibrate`). Each token's
-              decision depends on its own key only: independent of sequence length, batch composition,
-              padding and the KV cache (one-token calls during cached generation gate exactly as the full
-              sequence does).
+Modes (`mode`: temporary, validated) and gates (`gate`: paper, calibrated), and the gate's equations
+(Eq. 17–19), are in `gate.py`; this layer calls them from its forward hook. Passes that need another
+gate or mode, or record what the gate sees, use the context managers `gating`, `calibrating` and
+`recording_max_z`, which put everything back when they end.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .gate import (CALIBRATED, DEFAULT_CALIBRATION_PROMPTS, GATES, PAPER, TEMPORARY, VALIDATED,  # noqa: F401
+                   add_swapped, calibrated_zscores, deviation_norms, gathers_swapped_rows, paper_zscores,
+                   reference_stats, swapped_tokens)
 from .models import weight_out_in
-
-TEMPORARY = "temporary"
-VALIDATED = "validated"
-PAPER = "paper"
-CALIBRATED = "calibrated"
-GATES = (PAPER, CALIBRATED)
 
 # relative size below which a new direction of a batch's residuals is taken as already spanned
 _RANK_TOL = 1e-10
-
-
-def paper_zscores(m: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """z = (M − mean_t M) / std_t M per sequence (Eq. 18's standardisation, unbiased std).
-
-    m: (B, T) norms; mask: (B, T) bool of real tokens (None: all real). Tokens outside the mask, and
-    sequences where σ is 0 or undefined (fewer than two real tokens), get z = -inf: never swapped.
-    """
-    m = m.float()
-    if mask is None:
-        mask = torch.ones_like(m, dtype=torch.bool)
-    n = mask.sum(dim=1, keepdim=True)
-    mz = torch.where(mask, m, torch.zeros_like(m))
-    mean = mz.sum(dim=1, keepdim=True) / n.clamp(min=1)
-    var = (torch.where(mask, m - mean, torch.zeros_like(m)) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
-    std = var.sqrt()
-    ok = (n >= 2) & (std > 0)
-    z = (m - mean) / torch.where(ok, std, torch.ones_like(std))
-    return torch.where(ok & mask, z, torch.full_like(z, float("-inf")))
-
-
-def calibrated_zscores(m: torch.Tensor, mean: Optional[float], std: Optional[float]) -> torch.Tensor:
-    """z = (M − μ) / σ against reference statistics; -inf everywhere (never swapped) when there are none or σ = 0."""
-    m = m.float()
-    if mean is None or std is None or not std > 0 or not math.isfinite(std) or not math.isfinite(mean):
-        return torch.full_like(m, float("-inf"))
-    return (m - mean) / std
-
-
-def reference_stats(m: torch.Tensor, mask: Optional[torch.Tensor] = None) -> Tuple[Optional[float], Optional[float], int]:
-    """(mean, unbiased std, count) of M over the real tokens; (None, None, n) with fewer than two tokens."""
-    vals = m.float().reshape(-1) if mask is None else m.float()[mask.bool()]
-    vals = vals.double()
-    n = int(vals.numel())
-    if n < 2:
-        return None, None, n
-    return float(vals.mean()), float(vals.std(unbiased=True)), n
 
 
 class HookLayer(torch.nn.Module):
@@ -94,9 +49,10 @@ class HookLayer(torch.nn.Module):
         self.alpha_z = float(alpha_z)
         self.handle = None
         self.mask_source = None  # callable returning the (B, T_total) attention mask of the running forward
-        self.observed_max_z: Optional[List[torch.Tensor]] = None  # set to [] to record per-sequence max z
-        self.recorder: Optional[List[Dict[str, torch.Tensor]]] = None  # set to [] to record z and swaps per call
-        self.calibration_mask = None  # set (B, T bool, or True for no padding) during a calibration pass
+        # Set only inside the context managers below (`recording_max_z`, `calibrating`); tests also set them.
+        self.observed_max_z: Optional[List[torch.Tensor]] = None  # a list: record per-sequence max z
+        self.recorder: Optional[List[Dict[str, torch.Tensor]]] = None  # a list: record z and swaps per call
+        self.calibration_mask = None  # (B, T) bool, or True for no padding: this pass measures μ, σ of M
         self.gate = gate
         self.clear()
 
@@ -296,6 +252,48 @@ class HookLayer(torch.nn.Module):
     def state_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
 
+    # ---------------------------------------------------------------- gate passes (set, then put back)
+    @contextmanager
+    def gating(self, gate: Optional[str] = None, mode: Optional[str] = None) -> Iterator["HookLayer"]:
+        """Within: this gate and/or mode (None: unchanged); the previous ones are back afterwards."""
+        saved = self.gate, self.mode
+        if gate is not None:
+            self.gate = gate
+        if mode is not None:
+            self.mode = mode
+        try:
+            yield self
+        finally:
+            self.gate, self.mode = saved
+
+    @contextmanager
+    def recording_max_z(self) -> Iterator[List[torch.Tensor]]:
+        """Within: every forward call appends each sequence's max z (under the active gate) to the yielded list."""
+        self.observed_max_z = []
+        try:
+            yield self.observed_max_z
+        finally:
+            self.observed_max_z = None
+
+    @contextmanager
+    def calibrating(self, mask) -> Iterator["HookLayer"]:
+        """Within: validated under the calibrated gate, and each forward call replaces μ, σ (and their count) of
+        M over the real tokens (`mask` (B, T) bool, or True: no padding). The previous statistics are dropped
+        first: a call with no real tokens leaves none, so the gate never fires."""
+        self.ref_mean, self.ref_std, self.ref_count = None, None, 0
+        self.calibration_mask = mask
+        try:
+            with self.gating(gate=CALIBRATED, mode=VALIDATED):
+                yield self
+        finally:
+            self.calibration_mask = None
+
+    def zscores(self, m: torch.Tensor) -> torch.Tensor:
+        """z of M (B, T) under the active gate: Eq. 18 over each sequence's real tokens, or against μ, σ."""
+        if self.gate == PAPER:
+            return paper_zscores(m, self._token_mask(m.shape[0], m.shape[1], m.device))
+        return calibrated_zscores(m, self.ref_mean, self.ref_std)
+
     # ---------------------------------------------------------------- attach
     def attach(self, module: torch.nn.Module) -> None:
         if self.handle is None:
@@ -336,48 +334,29 @@ class HookLayer(torch.nn.Module):
         return self._u, self._v
 
     def _forward_hook(self, module, inputs, output):
+        """The module's output plus Δk: on every token (temporary), or on the tokens the gate swaps (validated)."""
         if self.num_keys == 0 and self.mode == VALIDATED:
             return output  # nothing edited at this layer yet: W_h = W_0
         k = inputs[0]
-        kf = k if k.dtype == torch.float32 else k.float()
-        shape = kf.shape
-        k2 = kf.reshape(-1, shape[-1])
+        k2 = (k if k.dtype == torch.float32 else k.float()).reshape(-1, k.shape[-1])
         u, v = self._factors(k.device)
-        if u is None:
-            y = k2 @ v.t()  # (N, d_out) = Δk
-        else:
-            y = k2 @ v  # (N, r) = Vᵀk; Δk = U y and ‖Δk‖ = ‖y‖ (U orthonormal)
+        y = k2 @ v.t() if u is None else k2 @ v  # Δk (dense), or Vᵀk (low rank: Δk = U y, ‖Δk‖ = ‖y‖)
         out2 = output.reshape(-1, output.shape[-1])
         if self.mode == TEMPORARY:
             full = y if u is None else y @ u.t()
             return (out2 + full.to(output.dtype)).reshape(output.shape)
-        m = y.norm(dim=-1)  # Eq. 17: M_t = ‖O_t − P_t‖
-        m2 = m.reshape(-1, shape[-2]) if len(shape) >= 2 else m.reshape(1, -1)  # (B, T); un-batched → (1, T)
+        m = deviation_norms(y, k.shape)
         if self.calibration_mask is not None:
-            cmask = None if self.calibration_mask is True else self.calibration_mask.to(m2.device, torch.bool)
-            self.ref_mean, self.ref_std, self.ref_count = reference_stats(m2, cmask)
-        if self.gate == PAPER:
-            mask = self._token_mask(m2.shape[0], m2.shape[1], m2.device)
-            z = paper_zscores(m2, mask)
-        else:
-            z = calibrated_zscores(m2, self.ref_mean, self.ref_std)
+            cmask = None if self.calibration_mask is True else self.calibration_mask.to(m.device, torch.bool)
+            self.ref_mean, self.ref_std, self.ref_count = reference_stats(m, cmask)
+        z = self.zscores(m)
         if self.observed_max_z is not None:
             self.observed_max_z.append(z.max(dim=1).values.detach().cpu())
-        swap = z >= self.alpha  # Eq. 18
+        swap = swapped_tokens(z, self.alpha)
         if self.recorder is not None:
-            self.recorder.append({"z": z.detach().cpu(), "swap": swap.detach().cpu(), "m": m2.detach().cpu()})
-        flat = swap.reshape(-1)
-        if u is None:
-            gated = torch.where(flat[:, None], y, torch.zeros_like(y))
-            return (out2 + gated.to(output.dtype)).reshape(output.shape)
-        if y.device.type == "cpu":  # only the swapped tokens pay for U (a host sync is free on CPU)
-            idx = flat.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                return output
-            add = (y.index_select(0, idx) @ u.t()).to(output.dtype)
-            return out2.index_add(0, idx, add).reshape(output.shape)
-        gated = (y * flat[:, None].to(y.dtype)) @ u.t()  # no data-dependent shapes: no device sync
-        return (out2 + gated.to(output.dtype)).reshape(output.shape)
+            self.recorder.append({"z": z.detach().cpu(), "swap": swap.detach().cpu(), "m": m.detach().cpu()})
+        out2 = add_swapped(out2, y, u, swap.reshape(-1), gather=gathers_swapped_rows(y.device.type))
+        return out2.reshape(output.shape)
 
 
 def _orth(r: torch.Tensor) -> torch.Tensor:
@@ -391,41 +370,3 @@ def _orth(r: torch.Tensor) -> torch.Tensor:
         return r[:, :0]
     keep = ss > _RANK_TOL * float(ss.max())
     return uu[:, keep]
-
-
-# Unedited text for the calibrated gate's reference statistics: plain sentences about everyday topics, no named
-# entities that an edit is likely to touch. ~30 short prompts (a few hundred tokens): one batched forward pass.
-DEFAULT_CALIBRATION_PROMPTS = (
-    "The weather was cold this morning, so I wore a warm coat.",
-    "She opened the window to let some fresh air into the room.",
-    "Most children learn to read and write at school.",
-    "The recipe calls for two cups of flour and a pinch of salt.",
-    "He missed the bus and had to walk all the way home.",
-    "A good night's sleep helps the body recover from a long day.",
-    "The river flows slowly through the valley towards the sea.",
-    "We planted tomatoes and beans in the garden last spring.",
-    "The meeting was moved to Thursday afternoon because of the holiday.",
-    "Water boils at a lower temperature at high altitude.",
-    "The old bridge was repaired after the storm damaged it.",
-    "Many people enjoy a cup of coffee in the morning.",
-    "The library is quiet in the evening, when most students have left.",
-    "Prices went up again this year, and families spend more on food.",
-    "The dog waited patiently by the door for its owner.",
-    "In the autumn the leaves turn yellow and red before they fall.",
-    "The train was delayed by twenty minutes due to a signal problem.",
-    "Exercise and a balanced diet are important for good health.",
-    "The museum has a large collection of paintings and old maps.",
-    "They decided to paint the kitchen a lighter colour.",
-    "A small shop on the corner sells bread, milk and newspapers.",
-    "The teacher asked the students to hand in their homework on Monday.",
-    "Heavy rain caused flooding in several low-lying streets.",
-    "The company plans to hire more staff next year.",
-    "My neighbour plays the piano every evening after dinner.",
-    "The mountains were covered in snow for most of the winter.",
-    "It is a long way from the station to the centre of the town.",
-    "The computer restarted after installing the latest updates.",
-    "Farmers harvest wheat at the end of the summer.",
-    "The film was longer than expected, but the ending was good.",
-    "Fresh fruit and vegetables are sold at the market on Saturdays.",
-    "The hotel room had a small balcony with a view of the harbour.",
-)

@@ -44,7 +44,7 @@ class CoachHooKHyperParams:
     layer_selection: str = "all"
 
     # --- values v_i (MEMIT's compute_z) ---
-    fact_token: str = "subject_last"
+    fact_token: str = "subject_last"  # keys and values at the subject's last token; "last": the prompt's (MEMIT)
     v_num_grad_steps: int = 20
     v_lr: float = 5e-1
     v_loss_layer: int = -1  # -1: the last layer (MEMIT always ties the loss to the last layer)
@@ -52,7 +52,7 @@ class CoachHooKHyperParams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     v_loss_stop: float = 5e-2  # MEMIT stops optimising a value once its loss is below this
-    v_batched: bool = True  # optimise a batch's values together (same result as one at a time, faster)
+    v_batched: bool = True  # optimise a batch's values together (false: one request at a time; same values, slower)
 
     # --- λ·E[kkᵀ] (covariance statistics, EasyEdit's file scheme) ---
     mom2_adjustment: bool = True
@@ -69,7 +69,7 @@ class CoachHooKHyperParams:
     # unedited calibration prompts, per token (works with a KV cache, any length, any padding); "paper": z over
     # the tokens of each forward call (Eq. 18)
     gate: str = "calibrated"
-    gate_calibration_prompts: Optional[List[str]] = None  # None: hook.DEFAULT_CALIBRATION_PROMPTS (32 sentences)
+    gate_calibration_prompts: Optional[List[str]] = None  # None: gate.DEFAULT_CALIBRATION_PROMPTS (32 sentences)
     gate_ignore_padding: bool = True  # exclude pad tokens from the gate's statistics (the reference does not)
     context_templates: Optional[List[str]] = None  # None: MEMIT's generated templates ("{}" + 5 × 10 tokens)
     context_template_seed: int = 0

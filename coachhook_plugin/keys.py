@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from .edit_requests import EditRequest, fill_template, pad_id_of, pad_right, token_index_of_char
+from .edit_requests import EditRequest, fact_token_index, fill_template, pad_id_of, pad_right
 from .models import get_module, model_device
 
 
@@ -55,13 +55,13 @@ def _stop_after(module: torch.nn.Module):
         handle.remove()
 
 
-def template_texts(requests: Sequence[EditRequest], templates: Sequence[str], tok):
-    """For every (request, template): token ids and the subject's last-token index."""
+def template_texts(requests: Sequence[EditRequest], templates: Sequence[str], tok, fact_token: str = "subject_last"):
+    """For every (request, template): token ids and the index of the fact token (`fact_token_index`)."""
     seqs, idxs = [], []
     for r in requests:
         for t in templates:
             text, offset = fill_template(t, r.prompt)
-            ids, idx = token_index_of_char(tok, text, offset + r.subject_end)
+            ids, idx = fact_token_index(tok, text, offset + r.subject_end, fact_token)
             seqs.append(ids)
             idxs.append(idx)
     return seqs, idxs
@@ -69,13 +69,15 @@ def template_texts(requests: Sequence[EditRequest], templates: Sequence[str], to
 
 @torch.no_grad()
 def compute_keys_and_hidden(model, tok, requests: Sequence[EditRequest], templates: Sequence[str],
-                            key_module: str, hidden_module: str, set_mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """K (d_in × n): template-averaged down-projection inputs; H (d × n): block output at the raw prompt.
+                            key_module: str, hidden_module: str, set_mask=None,
+                            fact_token: str = "subject_last") -> Tuple[torch.Tensor, torch.Tensor]:
+    """K (d_in × n): template-averaged down-projection inputs; H (d × n): block output at the raw prompt; both
+    at the fact token (`fact_token`: the subject's last token, or the prompt's last).
 
     `templates[0]` must be "{}" (the raw prompt), as in MEMIT's context templates.
     """
     assert templates[0] == "{}", "the first context template must be the raw prompt '{}'"
-    seqs, idxs = template_texts(requests, templates, tok)
+    seqs, idxs = template_texts(requests, templates, tok, fact_token)
     ids, mask = pad_right(seqs, pad_id_of(tok), model_device(model))
     rows = torch.arange(len(seqs), device=ids.device)
     at = torch.tensor(idxs, device=ids.device)

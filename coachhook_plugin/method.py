@@ -6,21 +6,22 @@ Data flows one way: requests → values (model with validated hooks) → per lay
 from __future__ import annotations
 
 import copy as copy_module
-import math
 import os
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import ExitStack, contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from .edit_requests import EditRequest, fill_template, pad_id_of, pad_right, prepare_requests, token_index_of_char
-from .hook import CALIBRATED, DEFAULT_CALIBRATION_PROMPTS, GATES, PAPER, TEMPORARY, VALIDATED, HookLayer
+from .gate import DEFAULT_CALIBRATION_PROMPTS, GATES, TEMPORARY, VALIDATED, alpha_candidate, alpha_next
+from .hook import HookLayer
 from .hparams import CoachHooKHyperParams
 from .keys import compute_keys_and_hidden
 from .models import down_proj_shape, get_module, model_device, num_layers
 from .stats import load_second_moment, path_for
 from .update import accumulated_keys_for, hook_update
-from .values import compute_value, compute_values, frozen
+from .values import compute_values, frozen
 
 STATE_ATTR = "_coachhook_state"
 MEMIT_TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -89,6 +90,23 @@ class CoachHooKState:
     def set_mode(self, mode: str, layers: Sequence[int] = None):
         for l in (self.layers if layers is None else layers):
             self.layers[l].mode = mode
+
+    @contextmanager
+    def gating(self, gate: Optional[str] = None, mode: Optional[str] = None) -> Iterator["CoachHooKState"]:
+        """Within: every layer under this gate and/or mode (None: unchanged); each layer's own are back after."""
+        with ExitStack() as stack:
+            for h in self.layers.values():
+                stack.enter_context(h.gating(gate=gate, mode=mode))
+            yield self
+
+    @contextmanager
+    def attention_mask(self, mask: Optional[torch.Tensor]) -> Iterator[None]:
+        """Within: `mask` is the attention mask the paper gate reads (for a pass that calls inner modules)."""
+        self.set_mask(mask)
+        try:
+            yield
+        finally:
+            self.set_mask(None)
 
     def detach(self):
         for h in self.layers.values():
@@ -168,7 +186,7 @@ def ensure_state(model, hparams: CoachHooKHyperParams) -> CoachHooKState:
 
 
 # --------------------------------------------------------------------------- context templates
-def memit_context_templates(model, tok, seed: int = 0, length: int = 10, per_prefix: int = 1) -> List[str]:
+def generate_context_templates(model, tok, seed: int = 0, length: int = 10, per_prefix: int = 1) -> List[str]:
     """MEMIT's templates: "{}" plus short generations from five prefixes (top-k 5 sampling), seeded."""
     templates = ["{}"]
     device = model_device(model)
@@ -221,33 +239,19 @@ def _prior(state: CoachHooKState, model, layer: int) -> torch.Tensor:
 
 def compute_alpha_candidates(model, tok, state: CoachHooKState, requests: Sequence[EditRequest],
                              gate: Optional[str] = None) -> Dict[int, float]:
-    """α_c per layer: min over the batch of each edit prompt's max z (Eq. 19) under `gate` (default: the
-    active one), outputs unchanged."""
+    """α_c per layer (Eq. 19, `gate.alpha_candidate`): min over the batch of each edit prompt's max z under
+    `gate` (default: the active one), outputs unchanged."""
     device = model_device(model)
-    active = {l: h.gate for l, h in state.layers.items()}
-    for h in state.layers.values():
-        h.observed_max_z = []
-        if gate is not None:
-            h.gate = gate
-    try:
-        with torch.no_grad():
-            if state.hparams.gate_ignore_padding:  # one padded batch: pad tokens are outside every statistic
-                ids, mask = pad_right([tok(r.prompt)["input_ids"] for r in requests], pad_id_of(tok), device)
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            else:  # padding would enter the paper gate's statistics: one prompt per call
-                for r in requests:
-                    ids = torch.tensor([tok(r.prompt)["input_ids"]], device=device)
-                    model(input_ids=ids, attention_mask=torch.ones_like(ids))
-        cands = {}
-        for l, h in state.layers.items():
-            zs = torch.cat(h.observed_max_z) if h.observed_max_z else torch.empty(0)
-            zs = zs[torch.isfinite(zs)]  # σ = 0 or one token gives no z: ignored, never NaN
-            cands[l] = float(zs.min()) if zs.numel() else math.inf
-    finally:
-        for l, h in state.layers.items():
-            h.observed_max_z = None
-            h.gate = active[l]
-    return cands
+    with torch.no_grad(), state.gating(gate=gate), ExitStack() as stack:
+        max_z = {l: stack.enter_context(h.recording_max_z()) for l, h in state.layers.items()}
+        if state.hparams.gate_ignore_padding:  # one padded batch: pad tokens are outside every statistic
+            ids, mask = pad_right([tok(r.prompt)["input_ids"] for r in requests], pad_id_of(tok), device)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        else:  # padding would enter the paper gate's statistics: one prompt per call
+            for r in requests:
+                ids = torch.tensor([tok(r.prompt)["input_ids"]], device=device)
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return {l: alpha_candidate(torch.cat(zs) if zs else torch.empty(0)) for l, zs in max_z.items()}
 
 
 def calibration_prompts(hparams) -> List[str]:
@@ -260,25 +264,13 @@ def calibrate_gate(model, tok, state: CoachHooKState, prompts: Optional[Sequence
     unedited prompts (hparams `gate_calibration_prompts`, default DEFAULT_CALIBRATION_PROMPTS), with every hook
     validated under the calibrated gate. One batched forward pass: hooks run in layer order, so each layer is
     calibrated on the keys it sees at inference (lower layers already gated with their new statistics)."""
-    from .edit_requests import pad_right
-
     prompts = calibration_prompts(state.hparams) if prompts is None else list(prompts)
-    device = model_device(model)
     seqs = [list(tok(p)["input_ids"]) for p in prompts]
-    ids, mask = pad_right(seqs, pad_id_of(tok), device)
-    saved = {l: (h.gate, h.mode) for l, h in state.layers.items()}
-    try:
+    ids, mask = pad_right(seqs, pad_id_of(tok), model_device(model))
+    with torch.no_grad(), state.attention_mask(mask), ExitStack() as stack:
         for h in state.layers.values():
-            h.gate, h.mode, h.calibration_mask = CALIBRATED, VALIDATED, mask.bool()
-            h.ref_mean, h.ref_std, h.ref_count = None, None, 0
-        state.set_mask(mask)
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
-    finally:
-        for l, h in state.layers.items():
-            h.gate, h.mode = saved[l]
-            h.calibration_mask = None
-        state.set_mask(None)
+            stack.enter_context(h.calibrating(mask.bool()))
+        model(input_ids=ids, attention_mask=mask)
     return {l: (h.ref_mean, h.ref_std, h.ref_count) for l, h in state.layers.items()}
 
 
@@ -289,28 +281,29 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
     z_block = hp.layer_module_tmp.format(layers[-1])
     if state.context_templates is None:
         state.context_templates = list(hp.context_templates) if hp.context_templates else \
-            memit_context_templates(model, tok, seed=hp.context_template_seed)
+            generate_context_templates(model, tok, seed=hp.context_template_seed)
     templates = state.context_templates
     priors = {l: _prior(state, model, l) for l in layers}  # fail before any work if a file is missing
 
     info: Dict[str, object] = {}
     # 1. values on the model with the current validated hooks
+    # (v_batched: all requests optimised together; false: one request at a time, each a batch of one — MEMIT's
+    # loop; the same values up to float rounding, tests/test_values.py)
     state.set_mode(VALIDATED)
     if hp.v_batched:
         V = compute_values(model, tok, requests, hp, z_block, templates, set_mask=state.set_mask,
                            progress=progress)  # (d × n)
     else:
-        V = torch.stack([compute_value(model, tok, r, hp, z_block, templates, set_mask=state.set_mask)
-                         for r in (progress(requests, desc="CoachHooK values") if progress else requests)], dim=1)
+        V = torch.cat([compute_values(model, tok, [r], hp, z_block, templates, set_mask=state.set_mask)
+                       for r in (progress(requests, desc="CoachHooK values") if progress else requests)], dim=1)
 
     # 2.–3. temporary hooks, then layer by layer: keys, residual share, Δ, accumulate, validate
-    state.set_mode(TEMPORARY)
     residual_norms = {}
-    with frozen(model):
+    with frozen(model), state.gating(mode=TEMPORARY):
         for i, l in enumerate(progress(layers, desc="CoachHooK layers") if progress else layers):
             hook = state.layers[l]
             K, H = compute_keys_and_hidden(model, tok, requests, templates, hook.module_name, z_block,
-                                           set_mask=state.set_mask)
+                                           set_mask=state.set_mask, fact_token=hp.fact_token)
             R = (V - H.to(V.device)) / (len(layers) - i)
             C = accumulated_keys_for(hook, priors[l].to(K.device), K, hp.mom2_update_weight)
             delta = hook_update(R, K, C)
@@ -322,8 +315,7 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
     # layers below it, as MEMIT's do. A validated hook gates with the statistics of the previous batch (none
     # on the first), which need not fire on this batch's tokens; the later layers would then each re-fit the
     # whole residual and the sum overshoot (measured on SmolLM2, 30 CounterFact edits in one batch:
-    # reliability 0.88 that way, 1.00 this way, as MEMIT).
-    state.set_mode(VALIDATED)
+    # reliability 0.88 that way, 1.00 this way, as MEMIT). (`gating` put every layer back to validated.)
     info["residual_norms"] = residual_norms
     info["values"] = V.detach().cpu()
 
@@ -336,8 +328,7 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
     for gate in GATES:
         cands_g = compute_alpha_candidates(model, tok, state, requests, gate=gate)
         for l, h in state.layers.items():
-            if state.step > 1 and math.isfinite(cands_g[l]):
-                h.alphas[gate] = min(h.alphas[gate], cands_g[l])
+            h.alphas[gate] = alpha_next(h.alphas[gate], cands_g[l], state.step)
         by_gate[gate] = {"alpha_candidates": cands_g, "alpha": {l: h.alphas[gate] for l, h in state.layers.items()}}
     active = hp.gate
     info["alpha_candidates"] = by_gate[active]["alpha_candidates"]

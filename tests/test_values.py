@@ -4,8 +4,9 @@ import torch
 
 from coachhook_plugin import apply_coachhook_to_model, get_state
 from coachhook_plugin.edit_requests import prepare_requests
-from coachhook_plugin.values import compute_value, compute_values
+from coachhook_plugin.values import compute_values
 from conftest import FACTS, build_tiny, tiny_hparams
+from value_oracle import compute_value
 
 
 # Loss thresholds at which, on these seeded models (init range 0.3, so that δ moves the loss), one request
@@ -35,3 +36,15 @@ def test_batched_and_plain_paths_make_the_same_edit(gpt2_tok):
         states.append({l: h.delta.clone() for l, h in get_state(model).layers.items()})
     for l in states[0]:
         assert torch.allclose(states[0][l], states[1][l], rtol=1e-3, atol=1e-5)
+
+
+def test_batch_of_one_equals_the_one_request_loop(gpt2_tok):
+    """`v_batched: false` runs `compute_values` on one request at a time: each equals MEMIT's loop (the oracle)."""
+    model = build_tiny("gpt2", init_range=0.3)
+    hp = tiny_hparams("gpt2", v_num_grad_steps=12, v_loss_stop=MIDWAY_STOP["gpt2"], v_lr=0.5)
+    block = hp.layer_module_tmp.format(hp.layers[-1])
+    templates = ["{}", "Hello. {}"]
+    for r in prepare_requests(FACTS):
+        one = compute_values(model, gpt2_tok, [r], hp, block, templates)[:, 0]
+        plain = compute_value(model, gpt2_tok, r, hp, block, templates)
+        assert torch.allclose(one, plain, rtol=1e-3, atol=1e-4), (one - plain).abs().max()

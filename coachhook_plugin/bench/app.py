@@ -173,10 +173,10 @@ def run_bench(cfg) -> Dict:
         try:
             model, tok = load_base()
             if cfg.shared_context_templates and templates is None:
-                from ..method import memit_context_templates
+                from ..method import generate_context_templates
 
                 fixed = cfg.model.get("context_templates")  # a model's measured choice, e.g. SmolLM2: ["{}"]
-                templates = list(fixed) if fixed else memit_context_templates(model, tok, seed=int(cfg.seed))
+                templates = list(fixed) if fixed else generate_context_templates(model, tok, seed=int(cfg.seed))
                 results["config"]["context_templates"] = templates
             if not reference_taken:  # the pre-edit locality answers, once, on the base model
                 evaluator.take_reference(model, tok, records)
