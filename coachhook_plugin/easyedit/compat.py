@@ -923,6 +923,25 @@ def _scoped_method(orig):
     return method
 
 
+def _patched_edit(orig):
+    """``edit`` in :func:`editing_context`, and the editor's ``hparams.batch_size`` as it was afterwards: PyPI
+    EasyEdit's ``edit`` sets it to 1 for good ("singleton editing"), so a later ``batch_edit`` on the same editor
+    silently edited one record per batch."""
+    @functools.wraps(orig)
+    def edit(self, *args, **kwargs):
+        hparams = getattr(self, "hparams", None)
+        batch_size = getattr(hparams, "batch_size", None)
+        try:
+            with editing_context():
+                return orig(self, *args, **kwargs)
+        finally:
+            if batch_size is not None:
+                hparams.batch_size = batch_size
+
+    edit.__coachhook_patch__ = True
+    return edit
+
+
 #: BaseEditor methods that hand the method one request per call (``[request]``) in every EasyEdit. GitHub
 #: EasyEdit asserts ``hparams.batch_size == 1`` in them, PyPI EasyEdit sets it to 1 for good; the shipped
 #: hparams carry the batch size ``batch_edit`` uses (CoachHooK: 10).
@@ -948,6 +967,53 @@ def _one_request_per_call(orig):
 
     method.__coachhook_patch__ = True
     return method
+
+
+#: EasyEdit's public evaluation functions: user code calls them after editing with ``hparams.device`` (an int, or
+#: "cpu" in GitHub EasyEdit's hparams), and they build ``f"cuda:{device}"`` themselves.
+PUBLIC_EVALUATION_FUNCTIONS = ("compute_edit_quality", "compute_rewrite_or_rephrase_quality",
+                               "compute_locality_quality", "compute_portability_quality",
+                               "compute_icl_edit_quality")
+_wrapped_evaluation: Dict[int, Tuple[Callable, Callable]] = {}  # id(original) -> (original, wrapper)
+
+
+def _scoped_function(orig):
+    @functools.wraps(orig)
+    def function(*args, **kwargs):
+        with editing_context():
+            return orig(*args, **kwargs)
+
+    function.__coachhook_patch__ = True
+    return function
+
+
+def _easyeditor_modules():
+    return [m for name, m in list(sys.modules.items())
+            if m is not None and (name == "easyeditor" or name.startswith("easyeditor."))]
+
+
+def _wrap_public_evaluation() -> None:
+    """Run EasyEdit's public evaluation functions inside :func:`editing_context`, in every EasyEdit module that
+    holds them (``from .evaluate import *`` copies the reference into ``easyeditor``, ``easyeditor.evaluate`` and
+    the editor module), so ``compute_edit_quality(..., hparams.device)`` works on a machine without a GPU."""
+    for module in _easyeditor_modules():
+        for name in PUBLIC_EVALUATION_FUNCTIONS:
+            fn = module.__dict__.get(name)
+            if not callable(fn) or getattr(fn, "__coachhook_patch__", False):
+                continue
+            if id(fn) not in _wrapped_evaluation:
+                _wrapped_evaluation[id(fn)] = (fn, _scoped_function(fn))
+            setattr(module, name, _wrapped_evaluation[id(fn)][1])
+
+
+def _unwrap_public_evaluation() -> None:
+    wrappers = {id(w): orig for orig, w in _wrapped_evaluation.values()}
+    for module in _easyeditor_modules():
+        for name in PUBLIC_EVALUATION_FUNCTIONS:
+            fn = module.__dict__.get(name)
+            if id(fn) in wrappers:
+                setattr(module, name, wrappers[id(fn)])
+    _wrapped_evaluation.clear()
 
 
 #: BaseEditor methods that run EasyEdit editing / evaluation code (whichever exist)
@@ -976,11 +1042,12 @@ def install() -> bool:
         fn = base.__dict__.get(name)
         if callable(fn) and not getattr(fn, "__coachhook_patch__", False):
             _installed[name] = fn
-            patched = _scoped_method(fn)
+            patched = _patched_edit(fn) if name == "edit" else _scoped_method(fn)
             if name in ONE_REQUEST_PER_CALL_METHODS:
                 patched = _one_request_per_call(patched)
             setattr(base, name, patched)
     _installed["__class__"] = base
+    _wrap_public_evaluation()
     return True
 
 
@@ -991,6 +1058,7 @@ def uninstall() -> None:
         if base is not None:
             setattr(base, name, fn)
     _installed.clear()
+    _unwrap_public_evaluation()
 
 
 def make_editor(hparams, model=None, tok=None):
@@ -1091,6 +1159,18 @@ def to_builtin(obj: Any) -> Any:
     return str(obj)
 
 
+def unwrap_edited_model(model, edited):
+    """The model to keep editing after ``edited, weights_copy = apply_algo(model, ...)``.
+
+    Newer EasyEdit's GRACE returns its editor wrapper (an ``nn.Module`` holding the model as ``.model``,
+    which it edited in place: the adapter is inside ``model``); keeping the wrapper would make the next call
+    look for ``transformer`` inside the wrapper. Every other method returns the model (or a PEFT model)."""
+    inner = getattr(edited, "model", None) if edited is not model else None
+    if isinstance(edited, torch.nn.Module) and inner is model:
+        return model
+    return edited
+
+
 def restore_weights(model, weights_copy) -> None:
     """Undo an edit from what an EasyEdit ``apply_*_to_model`` returned as ``weights_copy``:
     a ``{param_name: original_tensor}`` dict (copied back onto each parameter's own device), a
@@ -1098,6 +1178,13 @@ def restore_weights(model, weights_copy) -> None:
     if weights_copy is None:
         return
     if callable(weights_copy):  # a restore function, or the registry's RestoreHandle (an empty dict)
+        owner = getattr(weights_copy, "__self__", None)
+        if getattr(weights_copy, "__name__", "") == "reset_layer" and owner is not None and \
+                hasattr(owner, "original_layer") and owner.original_layer is None:
+            # newer EasyEdit's GRACE: this call found GRACE's adapter already in the model (an earlier call of the
+            # same batch put it there) and kept no original layer; its reset_layer would put None into the model.
+            # The earliest call's handle restores the layer.
+            return
         weights_copy()
         return
     if isinstance(weights_copy, dict):
@@ -1111,6 +1198,101 @@ def restore_weights(model, weights_copy) -> None:
                 p[...] = value.to(device=p.device, dtype=p.dtype)
         return
     raise TypeError(f"cannot restore from {type(weights_copy).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. hparams files that load with either EasyEdit's classes
+# --------------------------------------------------------------------------------------------------
+
+#: Fields newer EasyEdit's hparams classes *require* that yamls written for PyPI EasyEdit (the plugin's shipped
+#: hparams/{FT,LoRA,AlphaEdit,GRACE}) lack, with the value EasyEdit's own hparams/<ALG>/*.yaml ship; where PyPI
+#: EasyEdit had one behaviour only, that behaviour.
+EASYEDIT_FIELD_DEFAULTS: Dict[str, Any] = {
+    "objective_optimization": "prompt_last",  # FT: loss on the target from the last prompt position (PyPI's FT = FT-L)
+    "lora_type": "adalora",                   # LoRA: PyPI's LoRA is AdaLoRA
+    "P_loc": "null_space_project.pt",         # AlphaEdit: its cached null-space projection (computed when absent)
+    "layer_selection": "all",                 # MEMIT family: every layer in `layers` (all EasyEdit's yamls)
+    # GRACE (GraceHyperParams): EasyEdit's hparams/GRACE yamls
+    "dist_fn": "euc", "val_init": "cold", "val_train": "sgd", "val_reg": None, "reg": "early_stop",
+    "replacement": "replace_last", "eps_expand": "coverage", "num_pert": 8, "dropout": 0.0,
+}
+
+
+def _derived_fields(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Fields newer EasyEdit names differently, derived from the ones the yaml has."""
+    out = {}
+    layers, template = config.get("layers"), config.get("rewrite_module_tmp")
+    if isinstance(layers, list) and isinstance(template, str) and "{}" in template:
+        # GRACE: the module's weight in EasyEdit's GRACE spelling, "transformer.h[35].mlp.c_proj.weight" (its
+        # GRACE eval()s the module path, so a layer index must be written as an item, not an attribute)
+        indexed = template.replace(".{}", "[{}]")
+        out["inner_params"] = [f"{indexed.format(layer)}.weight" for layer in layers]
+    return out
+
+
+def easyedit_hparams_class(alg_name: str) -> Optional[type]:
+    """The installed EasyEdit's hparams class for ``alg_name`` (``GRACEHyperParams`` in PyPI-era code is
+    ``GraceHyperParams`` in newer EasyEdit: matched without regard to case or '-'), or None."""
+    ee = import_easyeditor()
+    want = f"{alg_name}HyperParams".replace("-", "").lower()
+    for name in dir(ee):
+        if name.lower() == want and isinstance(getattr(ee, name, None), type):
+            return getattr(ee, name)
+    return None
+
+
+def hparams_from_config(cls: type, config: Dict[str, Any], source: str = "hparams") -> Any:
+    """Build the EasyEdit hparams dataclass ``cls`` from a yaml's fields so that one yaml loads with either
+    EasyEdit's classes: required fields the yaml lacks are derived (:func:`_derived_fields`) or filled with
+    :data:`EASYEDIT_FIELD_DEFAULTS`, fields ``cls`` does not know are dropped; each change is logged. A required
+    field with no documented default is an error naming it."""
+    import dataclasses
+
+    config = dict(config)
+    if not dataclasses.is_dataclass(cls):
+        return cls(**config)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    required = [n for n, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    changes = []
+    derived = _derived_fields(config)
+    for name in required:
+        if name in config:
+            continue
+        if name in derived:
+            config[name] = derived[name]
+            changes.append(f"{name}={config[name]!r} (derived)")
+        elif name in EASYEDIT_FIELD_DEFAULTS:
+            config[name] = EASYEDIT_FIELD_DEFAULTS[name]
+            changes.append(f"{name}={config[name]!r} (EasyEdit's default)")
+    missing = [n for n in required if n not in config]
+    if missing:
+        raise ValueError(f"{source}: {cls.__name__} of the installed EasyEdit requires {', '.join(missing)}, which "
+                         f"the yaml lacks and which have no documented default; add them to the yaml")
+    dropped = sorted(k for k in config if k not in fields)
+    for k in dropped:
+        del config[k]
+    if dropped:
+        changes.append(f"dropped {', '.join(dropped)} (not fields of {cls.__name__})")
+    if changes:
+        LOG.info("%s loaded as %s: %s", source, cls.__name__, "; ".join(changes))
+    convert = getattr(cls, "construct_float_from_scientific_notation", None)
+    if callable(convert):  # what EasyEdit's from_hparams does: "5e-4" (a yaml string) -> 0.0005
+        config = convert(config)
+    return cls(**config)
+
+
+def load_easyedit_hparams(path: os.PathLike, alg_name: Optional[str] = None) -> Any:
+    """Load an EasyEdit-method yaml (ROME, MEMIT, FT, LoRA, AlphaEdit, GRACE, ...) with the installed EasyEdit's
+    class for its ``alg_name``, whichever EasyEdit that is (see :func:`hparams_from_config`)."""
+    import yaml
+
+    config = yaml.safe_load(open(os.fspath(path)).read()) or {}
+    alg_name = alg_name or config.get("alg_name")
+    cls = easyedit_hparams_class(alg_name) if alg_name else None
+    if cls is None:
+        raise ValueError(f"{path}: the installed EasyEdit has no hparams class for alg_name {alg_name!r}")
+    return hparams_from_config(cls, config, source=os.fspath(path))
 
 
 def _editor_parameter(method: str, name: str) -> bool:
