@@ -178,13 +178,15 @@ def run_bench(cfg) -> Dict:
                 fixed = cfg.model.get("context_templates")  # a model's measured choice, e.g. SmolLM2: ["{}"]
                 templates = list(fixed) if fixed else generate_context_templates(model, tok, seed=int(cfg.seed))
                 results["config"]["context_templates"] = templates
-            if not reference_taken:  # the pre-edit locality answers, once, on the base model
-                evaluator.take_reference(model, tok, records)
-                reference_taken = True
             path = hparams_path(cfg, key)
             runner = MethodRunner(key, settings, path, cfg.model.name, device=cfg.device,
                                   stats_dir=cfg.stats.stats_dir,
                                   context_templates=templates if cfg.shared_context_templates else None)
+            if not reference_taken:  # the pre-edit locality answers, once, on the base model
+                # (EasyEdit's evaluation backend reads hparams.device and max_length: any method's hparams will do)
+                evaluator.take_reference(model, tok, records, hparams=runner.hparams,
+                                         model_name=compat.model_display_name(model))
+                reference_taken = True
             entry["hparams"] = str(path)
             from .methods import hparams_dict
 
