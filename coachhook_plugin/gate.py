@@ -9,6 +9,10 @@ One equation per function, all pure (tensors in, tensors or numbers out); `hook.
           token t swaps where z_t ≥ α                                  `swapped_tokens`, applied by `add_swapped`
   Eq. 19  α_1 = α_z;  α_s = min(α_{s−1}, α_c),  α_c = min over the batch's edit prompts of their max z
                                                                        `alpha_candidate`, `alpha_next`
+  beyond the paper (alpha_rule `recomputed`, replaces Eq. 19): after every batch, with the current Δ,
+          α_s = min over the stored edit prompts of all batches so far of their max z, minus a margin
+                                                                       `sequence_max_z`, `alpha_recomputed`,
+                                                                       `alpha_prompt_sample`
 
 Modes:
   temporary  every token takes W_h's output (used while a batch is being written, paper Sec. 3.2)
@@ -23,7 +27,8 @@ Gates (one α per gate and layer, both kept up to date so the gate can be switch
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import random
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -32,6 +37,11 @@ VALIDATED = "validated"
 PAPER = "paper"
 CALIBRATED = "calibrated"
 GATES = (PAPER, CALIBRATED)
+# How α moves from batch to batch: Eq. 19 (a running minimum: α can only fall, the scope only widen), or
+# recomputed after every batch over the edit prompts of every batch so far (it can rise again)
+RUNNING_MIN = "running_min"
+RECOMPUTED = "recomputed"
+ALPHA_RULES = (RUNNING_MIN, RECOMPUTED)
 
 
 def paper_zscores(m: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -94,6 +104,35 @@ def alpha_candidate(max_z: torch.Tensor) -> float:
 def alpha_next(prev: float, candidate: float, step: int) -> float:
     """Eq. 19: α_1 = α_z; α_s = min(α_{s−1}, α_c) after batch s > 1 (an infinite α_c leaves α as it was)."""
     return min(prev, candidate) if step > 1 and math.isfinite(candidate) else prev
+
+
+def sequence_max_z(z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each sequence's max z over its real tokens (z (B, T), mask (B, T) bool or None: all real); -inf where a
+    sequence has none. Pad tokens are left out: under the calibrated gate their z is finite and could be the max."""
+    if mask is not None:
+        z = z.masked_fill(~mask.to(device=z.device, dtype=torch.bool), float("-inf"))
+    return z.max(dim=1).values
+
+
+def alpha_recomputed(max_z: torch.Tensor, margin: float) -> float:
+    """alpha_rule `recomputed` (beyond the paper; replaces Eq. 19): α = min over the stored edit prompts (every
+    batch so far, or a sample: `alpha_prompt_sample`) of each prompt's max z under the current Δ, minus `margin`:
+    the highest threshold at which every one of them still fires (margin 0), or fires with `margin` to spare.
+    Non-finite z is ignored as in `alpha_candidate`; inf (keep α as it was) when no prompt gives one."""
+    return alpha_candidate(max_z) - float(margin)
+
+
+def alpha_prompt_sample(num_stored: int, num_new: int, cap: Optional[int], seed: int) -> List[int]:
+    """Which stored edit prompts (indices, oldest first; the newest `num_new` are this batch's) the recomputed α
+    is taken over: all of them while there are at most `cap` (None: no cap); else the newest ⌈cap/2⌉ — at least
+    the whole batch — and a sample, drawn with `seed`, of the older ones for the rest. A new seed every batch
+    (the step) lets every old edit be checked again from time to time at a bounded cost per batch."""
+    if cap is None or num_stored <= cap:
+        return list(range(num_stored))
+    recent = min(num_stored, max(num_new, (cap + 1) // 2))
+    older = num_stored - recent
+    picked = sorted(random.Random(seed).sample(range(older), min(older, max(0, cap - recent))))
+    return picked + list(range(older, num_stored))
 
 
 def gathers_swapped_rows(device_type: str) -> bool:

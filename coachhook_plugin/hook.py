@@ -17,8 +17,8 @@ copy, float32), reached only after d_in edits.
 
 Modes (`mode`: temporary, validated) and gates (`gate`: paper, calibrated), and the gate's equations
 (Eq. 17–19), are in `gate.py`; this layer calls them from its forward hook. Passes that need another
-gate or mode, or record what the gate sees, use the context managers `gating`, `calibrating` and
-`recording_max_z`, which put everything back when they end.
+gate or mode, or record what the gate sees, use the context managers `gating`, `calibrating`,
+`recording_max_z` and `recomputing_alpha`, which put everything back when they end.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .gate import (CALIBRATED, DEFAULT_CALIBRATION_PROMPTS, GATES, PAPER, TEMPORARY, VALIDATED,  # noqa: F401
-                   add_swapped, calibrated_zscores, deviation_norms, gathers_swapped_rows, paper_zscores,
-                   reference_stats, swapped_tokens)
+                   add_swapped, alpha_recomputed, calibrated_zscores, deviation_norms, gathers_swapped_rows,
+                   paper_zscores, reference_stats, sequence_max_z, swapped_tokens)
 from .models import weight_out_in
 
 # relative size below which a new direction of a batch's residuals is taken as already spanned
@@ -53,6 +53,8 @@ class HookLayer(torch.nn.Module):
         self.observed_max_z: Optional[List[torch.Tensor]] = None  # a list: record per-sequence max z
         self.recorder: Optional[List[Dict[str, torch.Tensor]]] = None  # a list: record z and swaps per call
         self.calibration_mask = None  # (B, T) bool, or True for no padding: this pass measures μ, σ of M
+        self.alpha_margin: Optional[float] = None  # a number: this pass sets α from its own z (`recomputing_alpha`)
+        self.recomputed_max_z: Optional[List[torch.Tensor]] = None  # what that pass saw, per sequence
         self.gate = gate
         self.clear()
 
@@ -288,6 +290,19 @@ class HookLayer(torch.nn.Module):
         finally:
             self.calibration_mask = None
 
+    @contextmanager
+    def recomputing_alpha(self, margin: float) -> Iterator[List[torch.Tensor]]:
+        """Within (alpha_rule `recomputed`, one forward call of the stored edit prompts): the call first sets α of
+        the active gate to `gate.alpha_recomputed` of its sequences' max z over real tokens (unchanged when none is
+        finite), then swaps with it. Hooks run in layer order, so each layer's α is taken on the keys its lower
+        layers give under their new α: the same call run again swaps exactly as it does here, and every prompt in
+        it fires at every layer. The yielded list receives the per-sequence max z."""
+        self.alpha_margin, self.recomputed_max_z = float(margin), []
+        try:
+            yield self.recomputed_max_z
+        finally:
+            self.alpha_margin, self.recomputed_max_z = None, None
+
     def zscores(self, m: torch.Tensor) -> torch.Tensor:
         """z of M (B, T) under the active gate: Eq. 18 over each sequence's real tokens, or against μ, σ."""
         if self.gate == PAPER:
@@ -352,6 +367,12 @@ class HookLayer(torch.nn.Module):
         z = self.zscores(m)
         if self.observed_max_z is not None:
             self.observed_max_z.append(z.max(dim=1).values.detach().cpu())
+        if self.alpha_margin is not None:
+            max_z = sequence_max_z(z, self._token_mask(z.shape[0], z.shape[1], z.device)).detach().cpu()
+            self.recomputed_max_z.append(max_z)
+            alpha = alpha_recomputed(max_z, self.alpha_margin)
+            if math.isfinite(alpha):
+                self.alpha = alpha
         swap = swapped_tokens(z, self.alpha)
         if self.recorder is not None:
             self.recorder.append({"z": z.detach().cpu(), "swap": swap.detach().cpu(), "m": m.detach().cpu()})

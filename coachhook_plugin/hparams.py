@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 ALG_NAME = "CoachHooK"
 GATES = ("paper", "calibrated")  # see coachhook_plugin.hook: per-sequence z (Eq. 18) or z against reference statistics
+ALPHA_RULES = ("running_min", "recomputed")  # see coachhook_plugin.gate: Eq. 19, or α over all stored edit prompts
 FACT_TOKENS = ("subject_last", "last")
 
 
@@ -71,6 +73,12 @@ class CoachHooKHyperParams:
     gate: str = "calibrated"
     gate_calibration_prompts: Optional[List[str]] = None  # None: gate.DEFAULT_CALIBRATION_PROMPTS (32 sentences)
     gate_ignore_padding: bool = True  # exclude pad tokens from the gate's statistics (the reference does not)
+    # How α moves between batches (docs/method.md "The scope at scale"): "running_min" is Eq. 19 (α only falls,
+    # so the scope only widens); "recomputed" (beyond the paper) sets α after every batch to the min over the
+    # edit prompts of all batches so far of their max z under the current Δ, minus alpha_margin (it can rise)
+    alpha_rule: str = "running_min"
+    alpha_margin: float = 0.0  # recomputed only: fire this many z-units below the weakest stored edit prompt
+    alpha_prompts_max: Optional[int] = 256  # recomputed only: prompts per α pass (newest half + seeded sample); null: all
     context_templates: Optional[List[str]] = None  # None: MEMIT's generated templates ("{}" + 5 × 10 tokens)
     context_template_seed: int = 0
     verbose: bool = False
@@ -158,6 +166,26 @@ class CoachHooKHyperParams:
             fail("gate", f"must be one of {GATES} ('paper': z over each sequence's own tokens, Eq. 18; "
                          f"'calibrated': z against statistics of unedited text, works in cached generation), "
                          f"got {self.gate!r}")
+        if self.alpha_rule not in ALPHA_RULES:
+            fail("alpha_rule", f"must be one of {ALPHA_RULES} ('running_min': Eq. 19, α only falls; 'recomputed': "
+                               f"α over every edit prompt so far with the current Δ, can rise), got {self.alpha_rule!r}")
+        if isinstance(self.alpha_margin, bool) or not isinstance(self.alpha_margin, numbers.Real) \
+                or not (math.isfinite(self.alpha_margin) and self.alpha_margin >= 0):
+            fail("alpha_margin", f"must be a finite number >= 0 (z-units below the weakest edit prompt; 0: exactly "
+                                 f"at it), got {self.alpha_margin!r}")
+        if self.alpha_margin and self.alpha_rule != "recomputed":
+            fail("alpha_margin", f"is {self.alpha_margin}, but it only applies with alpha_rule: recomputed; set "
+                                 f"alpha_rule: recomputed, or alpha_margin: 0 to keep Eq. 19 as published")
+        if isinstance(self.alpha_prompts_max, float) and self.alpha_prompts_max.is_integer():
+            self.alpha_prompts_max = int(self.alpha_prompts_max)  # "256" in a yaml arrives as 256.0 (from_dict)
+        if self.alpha_prompts_max is not None and (isinstance(self.alpha_prompts_max, bool)
+                                                   or not isinstance(self.alpha_prompts_max, int)
+                                                   or self.alpha_prompts_max < 1):
+            fail("alpha_prompts_max", f"must be an integer >= 1 (edit prompts in each α pass of alpha_rule: "
+                                      f"recomputed), or null for all of them, got {self.alpha_prompts_max!r}")
+        if self.alpha_rule == "recomputed" and not self.gate_ignore_padding:
+            fail("alpha_rule", "'recomputed' runs the stored edit prompts in one padded batch and needs "
+                               "gate_ignore_padding: true; set gate_ignore_padding: true, or alpha_rule: running_min")
         if self.gate_calibration_prompts is not None:
             p = self.gate_calibration_prompts
             if (not isinstance(p, (list, tuple)) or len(p) < 2

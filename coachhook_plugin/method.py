@@ -14,7 +14,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from .edit_requests import EditRequest, fill_template, pad_id_of, pad_right, prepare_requests, token_index_of_char
-from .gate import DEFAULT_CALIBRATION_PROMPTS, GATES, TEMPORARY, VALIDATED, alpha_candidate, alpha_next
+from .gate import (DEFAULT_CALIBRATION_PROMPTS, GATES, RECOMPUTED, TEMPORARY, VALIDATED, alpha_candidate,
+                   alpha_next, alpha_prompt_sample)
 from .hook import HookLayer
 from .hparams import CoachHooKHyperParams
 from .keys import compute_keys_and_hidden
@@ -42,6 +43,9 @@ class CoachHooKState:
         # it, so a HookRestore from an earlier batch can tell that it would roll back more than its own batch.
         self.newest_batch_token: Optional[object] = None
         self.context_templates: Optional[List[str]] = None
+        # Token ids of every edit prompt written so far, oldest first (kept whatever the alpha_rule, so the rule can
+        # be switched on an edited model): the prompts the recomputed α must keep firing on
+        self.alpha_prompts: List[Tuple[int, ...]] = []
         self.priors: Dict[int, torch.Tensor] = {}  # E[kkᵀ] per layer, read once
         self.prior_sources: Dict[int, str] = {}  # the file (or 'identity') each prior was read from
         self._mask: Optional[torch.Tensor] = None
@@ -117,13 +121,14 @@ class CoachHooKState:
 
     def snapshot(self) -> dict:
         """A deep copy of the mutable state (for exact roll-back of a batch)."""
-        return {"step": self.step,
+        return {"step": self.step, "alpha_prompts": tuple(self.alpha_prompts),  # tuples of tuples: immutable
                 "layers": {l: ({k: t.clone() for k, t in h.state_tensors().items()}, dict(h.extra_state()))
                            for l, h in self.layers.items()}}
 
     def restore(self, snap: dict) -> None:
         self.newest_batch_token = None
         self.step = snap["step"]
+        self.alpha_prompts = list(snap.get("alpha_prompts", ()))
         for l, (tensors, extra) in snap["layers"].items():
             self.layers[l].load_state(tensors, extra)
 
@@ -133,6 +138,7 @@ class CoachHooKState:
             h.alpha_z = float(self.hparams.alpha_z)
             h.clear()
         self.step = 0
+        self.alpha_prompts = []
 
 
 def get_state(model) -> Optional[CoachHooKState]:
@@ -254,6 +260,44 @@ def compute_alpha_candidates(model, tok, state: CoachHooKState, requests: Sequen
         return {l: alpha_candidate(torch.cat(zs) if zs else torch.empty(0)) for l, zs in max_z.items()}
 
 
+class _StopForward(Exception):
+    """Raised by `_forward_stops_after` once the module it watches has run."""
+
+
+@contextmanager
+def _forward_stops_after(module: torch.nn.Module) -> Iterator[None]:
+    """Within: a forward call of the model ends as soon as `module` has run (its own forward hooks included,
+    registered earlier). A pass that reads only the hook layers need not run the blocks and head above the last
+    one: on SmolLM2 (layers 3–7 of 30, a 49k-token head) that is about a fifth of a full forward."""
+    def stop(mod, args, output):
+        raise _StopForward
+
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+def recompute_alphas(model, tok, state: CoachHooKState, prompt_ids: Sequence[Sequence[int]], gate: str,
+                     margin: float) -> Dict[int, float]:
+    """alpha_rule `recomputed` (beyond the paper; replaces Eq. 19) for one gate: α per layer = min over
+    `prompt_ids` (stored edit prompts) of each prompt's max z under the current Δ, minus `margin`
+    (`gate.alpha_recomputed`). One right-padded forward call, stopped after the last hook layer, in which each
+    layer sets its α before it swaps (`HookLayer.recomputing_alpha`): a layer's α is taken on the keys the lower
+    layers give under their new α. Returns the min max z per layer (α + margin; inf where none was finite and α
+    stayed as it was)."""
+    ids, mask = pad_right([list(p) for p in prompt_ids], pad_id_of(tok), model_device(model))
+    last = state.layers[max(state.layers)]
+    with torch.no_grad(), state.gating(gate=gate), ExitStack() as stack:
+        max_z = {l: stack.enter_context(h.recomputing_alpha(margin)) for l, h in state.layers.items()}
+        with _forward_stops_after(get_module(model, last.module_name)):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        return {l: alpha_candidate(torch.cat(zs) if zs else torch.empty(0)) for l, zs in max_z.items()}
+
+
 def calibration_prompts(hparams) -> List[str]:
     prompts = getattr(hparams, "gate_calibration_prompts", None)
     return list(prompts) if prompts else list(DEFAULT_CALIBRATION_PROMPTS)
@@ -322,13 +366,22 @@ def execute_coachhook(model, tok, requests: Sequence[EditRequest], hparams: Coac
     # 4. the calibrated gate's reference statistics (kept for both gates, so the gate can be switched later)
     info["gate_reference"] = calibrate_gate(model, tok, state)
 
-    # 5. α (Eq. 19) for each gate in its own statistics: α_1 = α_z; α_s = min(α_{s−1}, α_c)
+    # 5. α for each gate in its own statistics. alpha_rule running_min: Eq. 19, α_1 = α_z; α_s = min(α_{s−1}, α_c).
+    # recomputed (beyond the paper): min over the stored edit prompts of every batch so far, with this Δ, − margin
     state.step += 1
+    state.alpha_prompts.extend(tuple(tok(r.prompt)["input_ids"]) for r in requests)
     by_gate = {}
+    if hp.alpha_rule == RECOMPUTED:
+        picked = alpha_prompt_sample(len(state.alpha_prompts), len(requests), hp.alpha_prompts_max, seed=state.step)
+        info["alpha_prompts"] = len(picked)
     for gate in GATES:
-        cands_g = compute_alpha_candidates(model, tok, state, requests, gate=gate)
-        for l, h in state.layers.items():
-            h.alphas[gate] = alpha_next(h.alphas[gate], cands_g[l], state.step)
+        if hp.alpha_rule == RECOMPUTED:
+            cands_g = recompute_alphas(model, tok, state, [state.alpha_prompts[i] for i in picked], gate,
+                                       hp.alpha_margin)
+        else:
+            cands_g = compute_alpha_candidates(model, tok, state, requests, gate=gate)
+            for l, h in state.layers.items():
+                h.alphas[gate] = alpha_next(h.alphas[gate], cands_g[l], state.step)
         by_gate[gate] = {"alpha_candidates": cands_g, "alpha": {l: h.alphas[gate] for l, h in state.layers.items()}}
     active = hp.gate
     info["alpha_candidates"] = by_gate[active]["alpha_candidates"]

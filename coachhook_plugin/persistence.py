@@ -7,6 +7,8 @@ a safetensors file whose tensors are the hook layers' `state_tensors()` (stored 
 
     {"format": "coachhook-state", "format_version": 1, "library_version": "...",
      "step": <batches written>, "context_templates": [...] | null, "hparams": {...},
+     "alpha_prompts": [[token id, ...], ...],   # every edit prompt so far (alpha_rule recomputed); absent
+                                                # in files written before it: read as none
      "fingerprint": {"architecture": sha256, "dtype": "...", "edited_modules": sha256, "sampled": sha256},
      "layers": {"<layer>": {"module": "<module name>", "tensors": {"<state name>": "<file key>"},
                             "extra": <extra_state()>}},
@@ -150,6 +152,7 @@ def save_coachhook(model: torch.nn.Module, path: PathLike, extra: Optional[Dict[
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
               "step": int(state.step),
               "context_templates": list(state.context_templates) if state.context_templates is not None else None,
+              "alpha_prompts": [list(p) for p in getattr(state, "alpha_prompts", ())],
               "hparams": _json_hparams(state.hparams), "fingerprint": fingerprint(model, state.hparams),
               "layers": layers, "extra": extra or {}}
     try:
@@ -210,7 +213,18 @@ def read_coachhook(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Any]]:
             raise PersistenceError(f"{path} is damaged: tensors {missing} of layer {l} are missing; use another "
                                    f"checkpoint")
         layers[int(l)] = ({name: stored[key] for name, key in entry["tensors"].items()}, dict(entry["extra"]))
-    return header, {"step": int(header["step"]), "layers": layers}
+    return header, {"step": int(header["step"]), "alpha_prompts": _alpha_prompts_of(header, path), "layers": layers}
+
+
+def _alpha_prompts_of(header: Dict[str, Any], path) -> Tuple[Tuple[int, ...], ...]:
+    """The stored edit prompts' token ids; none in a file written before they were kept."""
+    prompts = header.get("alpha_prompts", [])
+    if not isinstance(prompts, list) or any(not isinstance(p, list) or not p or
+                                            any(isinstance(i, bool) or not isinstance(i, int) for i in p)
+                                            for p in prompts):
+        raise PersistenceError(f"{path} is damaged: 'alpha_prompts' in its header is not a list of token-id lists; "
+                               f"use another checkpoint")
+    return tuple(tuple(p) for p in prompts)
 
 
 def _hparams_from_header(header: Dict[str, Any], path) -> CoachHooKHyperParams:
@@ -418,8 +432,11 @@ def edit_run(hparams: Union[PathLike, CoachHooKHyperParams], data: PathLike, out
             raise RunError(f"cannot resume {out}: {', '.join(changed)} differ from the interrupted run's; resume "
                            f"with the same data file, --num-edits and --batch-size, or choose another --out")
         now, before = _json_hparams(hp), header["hparams"]
+        # a field the interrupted run's version did not have yet ran with its default
+        defaults = {f.name: f.default for f in dataclasses.fields(CoachHooKHyperParams)
+                    if f.default is not dataclasses.MISSING}
         changed = sorted(k for k in set(now) | set(before)
-                         if k not in RUN_IGNORED_HPARAMS and now.get(k) != before.get(k))
+                         if k not in RUN_IGNORED_HPARAMS and now.get(k) != before.get(k, defaults.get(k)))
         if changed:
             raise RunError(f"cannot resume {out}: hparams {', '.join(changed)} differ from the interrupted run's; "
                            f"resume with the same hparams file")
