@@ -12,7 +12,7 @@ import time
 def _stats(args) -> int:
     from .hparams import CoachHooKHyperParams
     from .models import load_model_and_tokenizer
-    from .stats import ensure_stats, read_corpus
+    from .stats import ensure_stats, statistics_texts
 
     hp = CoachHooKHyperParams.from_hparams(args.hparams)
     if args.n_samples is not None:
@@ -21,12 +21,8 @@ def _stats(args) -> int:
         hp.stats_dir = args.stats_dir
     model, tok = load_model_and_tokenizer(args.model or hp.model_name)
     hp.validate_for_model(model)
-    if args.corpus:
-        texts = read_corpus(args.corpus, max_texts=hp.mom2_n_samples)
-    else:  # offline default: the model's own text, seeded
-        from .stats import sample_texts
-
-        texts = sample_texts(model, tok, hp.mom2_n_samples, seed=args.seed)
+    # offline default without --corpus: the model's own text, seeded
+    texts = statistics_texts(model, tok, args.corpus or None, hp.mom2_n_samples, seed=args.seed)()
     if not texts:
         print(f"no text found in {args.corpus}", file=sys.stderr)
         return 2

@@ -93,18 +93,18 @@ def _ensure_statistics(model, tok, hps, corpus: Optional[Path], n_samples: Optio
     """Statistics for the union of every method's layers, in the files all of them read (skipped if present)."""
     import copy
 
-    from .stats import ensure_stats, read_corpus, sample_texts
+    from .stats import ensure_stats, statistics_texts
 
     base = copy.copy(hps[0])
     base.layers = sorted({l for hp in hps for l in hp.layers})
     if n_samples is not None:
         base.mom2_n_samples = n_samples
     if corpus is not None and Path(corpus).exists():
-        texts = lambda: read_corpus(corpus, max_texts=base.mom2_n_samples)  # noqa: E731
+        texts = statistics_texts(model, tok, corpus, base.mom2_n_samples)
         source = f"{Path(corpus).name} ({base.mom2_n_samples} paragraphs)"
         base.mom2_dataset = Path(corpus).stem
     else:
-        texts = lambda: sample_texts(model, tok, base.mom2_n_samples, seed=0)  # noqa: E731
+        texts = statistics_texts(model, tok, None, base.mom2_n_samples, seed=0)
         source = f"text sampled from the model ({base.mom2_n_samples} samples, seed 0)"
         base.mom2_dataset = "self-sampled"
     for hp in hps:  # every method reads the same files

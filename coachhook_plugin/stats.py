@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence
 
 import numpy as np
 import torch
 
 from .edit_requests import pad_id_of, pad_right
+from .files import atomic_write
 from .models import get_module, model_device, model_names_for_stats
 
 
@@ -54,38 +54,28 @@ def share_with_every_easyedit(model, hparams, layer_name: str) -> List[Path]:
     for p in paths:
         if p.exists():
             continue
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=p.parent)  # link/copy under a temp name, then rename:
-        os.close(fd)                                             # a reader never sees a partial file
-        os.remove(tmp)
-        try:
+
+        def link_or_copy(tmp):  # a reader never sees a partial file
+            os.remove(tmp)
             try:
                 os.link(source, tmp)
             except OSError:
                 shutil.copyfile(source, tmp)
-            os.replace(tmp, p)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        atomic_write(p, link_or_copy)
     return [p for p in paths if p.exists()]
 
 
 def save_second_moment(path: Path, mom2_sum: torch.Tensor, count: int, n_samples) -> None:
-    """Write atomically (temp file + rename): an interrupted run never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
+    """Write atomically: an interrupted run never leaves a truncated file."""
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a temporary name
             np.savez(f, **{"mom2.constructor": np.array("easyeditor.util.runningstats.SecondMoment()"),
                            "mom2.count": np.array(int(count)),
                            "mom2.mom2": mom2_sum.cpu().numpy(),
                            "sample_size": np.array(n_samples if n_samples is not None else -1)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)
 
 
 def load_second_moment(path: Path, d_in: int) -> torch.Tensor:
@@ -194,6 +184,15 @@ def sample_texts(model, tok, n: int, max_new_tokens: int = 128, seed: int = 0, b
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok))
             texts.extend(t for t in tok.batch_decode(out[:, 1:], skip_special_tokens=True))
     return [t for t in texts if t.strip()]
+
+
+def statistics_texts(model, tok, corpus, n_samples: int, seed: int = 0) -> Callable[[], List[str]]:
+    """Where λ·E[kkᵀ] comes from, produced only when called: the first `n_samples` paragraphs of `corpus` (a
+    text file or a folder of .txt files), or, when `corpus` is None, `n_samples` texts sampled from the model
+    itself (seeded): statistics never need a download."""
+    if corpus is None:
+        return lambda: sample_texts(model, tok, n_samples, seed=seed)
+    return lambda: read_corpus(corpus, max_texts=n_samples)
 
 
 def ensure_stats(model, tok, hparams, texts, layer_names: Sequence[str] = None, **kw) -> List[Path]:

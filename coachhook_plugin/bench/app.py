@@ -222,13 +222,13 @@ def run_bench(cfg) -> Dict:
 
 def _ensure_statistics(cfg, runner, model, tok) -> None:
     """λ·E[kkᵀ] files where the method's hparams point (EasyEdit's layout), from local text, never a download."""
-    from ..stats import ensure_stats, read_corpus, sample_texts
+    from ..stats import ensure_stats, statistics_texts
 
     hp = runner.hparams
     corpus = cfg.stats.corpus
     if corpus == "model":
-        texts = lambda: sample_texts(model, tok, hp.mom2_n_samples, seed=int(cfg.seed))  # noqa: E731
+        path = None
     else:
         path = Path(corpus).expanduser() if corpus else shared_dir(cfg) / "data/corpus/wikitext-2-raw-test.txt"
-        texts = lambda: read_corpus(path, max_texts=hp.mom2_n_samples)  # noqa: E731
+    texts = statistics_texts(model, tok, path, hp.mom2_n_samples, seed=int(cfg.seed))
     ensure_stats(model, tok, hp, texts, max_length=int(cfg.stats.max_length))
