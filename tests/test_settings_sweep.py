@@ -1,0 +1,69 @@
+"""examples/smollm2_settings_sweep.py: settings are chosen on the train splits (issue 16). It refuses the
+evaluation files unless told, reads both formats, takes the alpha_rule options; run here on a tiny model."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import LAYOUTS, build_tiny, shared_path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "smollm2_settings_sweep.py"
+
+
+def _sweep():
+    spec = importlib.util.spec_from_file_location("smollm2_settings_sweep", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_defaults_are_the_train_splits():
+    mod = _sweep()
+    assert mod.TRAIN_FILES == {"counterfact": "data/counterfact/counterfact-train.json",
+                               "zsre": "data/zsre/zsre_mend_train-1k.json"}
+    assert set(mod.EVAL_FILES) == {"counterfact-edit.json", "zsre_mend_eval-1200.json"}
+
+
+@pytest.mark.parametrize("name", ["counterfact/counterfact-edit.json", "zsre/zsre_mend_eval-1200.json"])
+def test_an_evaluation_file_is_refused_with_the_fix(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _sweep().main(["--data", str(Path("/nowhere/data") / name)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "is an evaluation split" in err and "counterfact-train.json" in err and "--allow-eval-split" in err
+
+
+@pytest.mark.parametrize("dataset", ["counterfact", "zsre"])
+def test_runs_on_a_tiny_model_with_the_recomputed_rule(dataset, gpt2_tok, tmp_path, monkeypatch, capsys):
+    shared_path("data", dataset)
+    mod = _sweep()
+    model = build_tiny("gpt2")  # 128 positions: statistics from short sentences instead of WikiText paragraphs
+    monkeypatch.setattr("coachhook_plugin.models.load_model_and_tokenizer", lambda name: (model, gpt2_tok))
+    monkeypatch.setattr("coachhook_plugin.stats.read_corpus",
+                        lambda path, max_texts: [f"Short sentence number {i} about the weather." for i in range(8)])
+    hp = dict(alg_name="CoachHooK", model_name="tiny-gpt2", layers=[1, 2], **LAYOUTS["gpt2"], device="cpu",
+              mom2_update_weight=1e-2, v_num_grad_steps=2, context_templates=["{}"], stats_dir=str(tmp_path / "st"),
+              mom2_n_samples=4, mom2_dataset="wikitext-2-raw-test")
+    (tmp_path / "hp.yaml").write_text(yaml.safe_dump(hp))
+    out = tmp_path / "sweep.jsonl"
+    mod.main(["--hparams", str(tmp_path / "hp.yaml"), "--dataset", dataset, "--n", "4", "--batch", "2",
+              "--alpha-rule", "recomputed", "--alpha-margin", "0.5", "--alpha-prompts-max", "all",
+              "--checkpoints", "2", "--out", str(out)])
+    line = json.loads(out.read_text().splitlines()[-1])
+    assert line["data"].endswith(mod.TRAIN_FILES[dataset]) and line["eval_split"] is False
+    assert (line["alpha_rule"], line["alpha_margin"], line["alpha_prompts_max"]) == ("recomputed", 0.5, None)
+    assert line["n"] == 4 and set(line["checkpoints"]) == {"2"} and "locality" in line["checkpoints"]["2"]
+    assert set(line["post"]) == {"reliability", "generality", "locality", "generative_reliability"}
+
+
+def test_a_bad_alpha_option_fails_before_the_model_loads(monkeypatch):
+    from coachhook_plugin import HyperParamsError
+
+    def no_model(name):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("coachhook_plugin.models.load_model_and_tokenizer", no_model)
+    with pytest.raises(HyperParamsError, match="only applies with alpha_rule: recomputed"):
+        _sweep().main(["--alpha-margin", "0.5", "--data", "/nowhere/counterfact-train.json"])
