@@ -330,3 +330,37 @@ def test_padding_of_the_alpha_pass_never_sets_alpha(recomputed_run, gpt2_tok, mo
     finally:
         for l, h in state.layers.items():
             h.alphas = dict(alphas[l])
+
+
+def test_a_run_checkpointed_before_the_option_resumes(gpt2_tok, tmp_path, monkeypatch):
+    """`coachhook edit --resume` compares the hparams with the interrupted run's: fields that run's version did not
+    have yet count as their defaults, so adding alpha_rule does not refuse every older run."""
+    from coachhook_plugin.persistence import STATE_FILE, edit_run
+
+    records = [dict(case_id=i, prompt=f["prompt"], subject=f["subject"], target_new=f["target_new"])
+               for i, f in enumerate(FACTS)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    hp, model, out = _hp(v_num_grad_steps=2), build_tiny("gpt2"), tmp_path / "run"
+    real, calls = method.apply_coachhook_to_model, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(method, "apply_coachhook_to_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        edit_run(hp, tmp_path / "data.json", out, model_and_tok=(model, gpt2_tok), log=lambda s: None)
+
+    def as_before(header):
+        for k in ("alpha_rule", "alpha_margin", "alpha_prompts_max"):
+            del header["hparams"][k]
+
+    _rewrite_header(out / STATE_FILE, as_before)
+    done = edit_run(hp, tmp_path / "data.json", out, resume=True, model_and_tok=(build_tiny("gpt2"), gpt2_tok),
+                    log=lambda s: None)
+    assert done["complete"] and done["batches_done"] == 2
+    with pytest.raises(Exception, match="hparams alpha_rule differ"):  # a real change is still refused
+        edit_run(_hp(v_num_grad_steps=2, alpha_rule="recomputed"), tmp_path / "data.json", out, resume=True,
+                 model_and_tok=(build_tiny("gpt2"), gpt2_tok), log=lambda s: None)
