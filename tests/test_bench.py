@@ -218,3 +218,19 @@ def test_rome_writes_every_record_of_a_batch(tmp_path):
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
     # the second record of each batch of 2 was written too (before the fix it kept its pre-edit score)
     assert all(r["reliability"] == 1.0 for r in rows), rows
+
+
+def test_bench_runs_every_easyedit_baseline_beside_coachhook(tmp_path):
+    """MEMIT / ROME / FT / LoRA / AlphaEdit / GRACE beside CoachHooK in one `coachhook bench`, from yamls in the
+    shipped (PyPI-era) form, with whichever EasyEdit is installed (GitHub's classes need fields those yamls lack,
+    and GitHub's GRACE wants `inner_params`): every method runs, none is reported as failed."""
+    from coachhook_plugin.bench import main
+
+    out = tmp_path / "all"
+    methods = ["CoachHooK", "MEMIT", "ROME", "FT-L", "LoRA", "AlphaEdit", "GRACE"]
+    assert main(bench_args(tmp_path, methods, out, extra=["eval.generative=false"])) == 0
+    res = json.loads((out / "results.json").read_text())
+    for name in methods:
+        m = res["methods"][name]
+        assert "error" not in m, (name, m.get("error"))
+        assert not m["failed_edits"], (name, m["failed_edits"])

@@ -266,7 +266,8 @@ def test_easyedit_ft_edits_on_cpu(ee, tmp_path, in_tmp_cwd):
     cfg = dict(alg_name="FT", model_name=H.tiny_model_dir(), device=0, layers=[2], num_steps=25, batch_size=1,
                max_length=40, lr=5e-3, weight_decay=0.0, kl_factor=0.0, norm_constraint=5e-2,
                **H.GPT2_LAYOUT)
-    hparams = FTHyperParams.from_hparams(H.write_yaml(tmp_path, "ft", cfg))
+    hparams = compat.load_easyedit_hparams(H.write_yaml(tmp_path, "ft", cfg))  # GitHub's class needs more fields
+    assert isinstance(hparams, FTHyperParams)
     _edit_and_check(ee, hparams)
     assert not (in_tmp_cwd / "logs").exists()  # no ./logs/run.log
 
@@ -325,8 +326,10 @@ def test_easyedit_lora_edits_on_cpu(ee, tmp_path, in_tmp_cwd):
     cfg = dict(alg_name="LoRA", model_name=H.tiny_model_dir(), device=0, layers=[], num_steps=30, lr=5e-3,
                weight_decay=0.0, kl_factor=0.0, norm_constraint=5e-2, target_modules=["c_attn", "c_proj"],
                rank=8, lora_alpha=32, lora_dropout=0.1, batch_size=1, max_length=40)
-    hparams = LoRAHyperParams.from_hparams(H.write_yaml(tmp_path, "lora", cfg))
-    assert not hasattr(hparams, "model_parallel")  # the PyPI quirk the plugin papers over
+    hparams = compat.load_easyedit_hparams(H.write_yaml(tmp_path, "lora", cfg))  # GitHub's class needs lora_type
+    assert isinstance(hparams, LoRAHyperParams)
+    # PyPI's LoRAHyperParams lacks model_parallel, which BaseEditor reads: the plugin papers over it
+    assert getattr(hparams, "model_parallel", False) is False
     editor, edited, _ = _edit_and_check(ee, hparams)
     assert not edited.training  # peft left it in train mode (dropout during evaluation)
     assert editor.tok.pad_token_id == editor.tok.eos_token_id  # the temporary pad swap was undone

@@ -21,7 +21,7 @@ def _specs():
 
     # name: (apply_fn, hparams class factory, batchable, callable restore, padding side)
     return {
-        ft_m.ALG_NAME: (ft_m.apply_ft_m_to_model, lambda: ft_m.FTMHyperParams, True, False, None),
+        ft_m.ALG_NAME: (ft_m.apply_ft_m_to_model, lambda: ft_m.FTMHyperParams, True, True, None),
         grace.ALG_NAME: (grace.apply_grace_to_model, lambda: grace.GRACEHyperParams, True, True, None),
         alphaedit.ALG_NAME: (alphaedit.apply_alphaedit_to_model, lambda: alphaedit.AlphaEditHyperParams,
                              True, True, "right"),

@@ -13,8 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ._common import (clone_parameters, load_hparams, model_device, module_parameters, target_batch,
-                      target_nll)
+from ._common import (RestoreCallable, clone_parameters, load_hparams, model_device, module_parameters, put_back,
+                      target_batch, target_nll)
 
 ALG_NAME = "FT-M"
 STOP_LOSS = 1e-2  # EasyEdit's FT stops once the average loss is below this
@@ -93,12 +93,14 @@ def execute_ft_m(model, tok, requests: List[Dict], hparams: FTMHyperParams) -> D
 
 def apply_ft_m_to_model(model, tok, requests: List[Dict], hparams: FTMHyperParams, copy: bool = False,
                         return_orig_weights: bool = False, keep_original_weight: bool = False,
-                        **kwargs) -> Tuple[torch.nn.Module, Dict[str, torch.Tensor]]:
-    """EasyEdit's apply contract; ``weights_copy`` holds the original weights only when EasyEdit will
-    restore them (``keep_original_weight``), as EasyEdit's own FT does."""
+                        **kwargs) -> Tuple[torch.nn.Module, RestoreCallable]:
+    """EasyEdit's apply contract. The returned handle puts the original weights back when EasyEdit rolls the
+    edit back: PyPI EasyEdit through ``.items()`` only with ``keep_original_weight`` (as its own FT), GitHub
+    EasyEdit by calling it (``CALLABLE_RESTORE_ALGS``) when ``sequential_edit`` is off. A dict of originals
+    cannot serve both: PyPI restores whatever dict it gets, GitHub always asks for the originals."""
     if copy:
         import copy as copy_module
 
         model = copy_module.deepcopy(model)
     originals = execute_ft_m(model, tok, requests, hparams)
-    return model, (originals if keep_original_weight else {})
+    return model, RestoreCallable(lambda: put_back(model, originals), restore_on_items=keep_original_weight)

@@ -42,12 +42,29 @@ def hparams_class(alg_name: str):
     cls = registry.hparams_class(alg_name)  # a plugin baseline registered because EasyEdit lacks it
     if cls is not None:
         return cls
-    ee = compat.import_easyeditor()
-    cls = getattr(ee, f"{alg_name}HyperParams", None)
+    if plugin_implementation(alg_name) is not None:
+        return plugin_implementation(alg_name)[1]
+    cls = compat.easyedit_hparams_class(alg_name)  # e.g. GitHub EasyEdit's GRACE class is GraceHyperParams
     if cls is None:
         raise MethodError(f"the installed EasyEdit has no {alg_name}HyperParams and the plugin does not supply "
                           f"{alg_name}; pick one of the registered methods or install a newer EasyEdit")
     return cls
+
+
+def plugin_implementation(alg_name: str):
+    """(apply_fn, hparams class) of the plugin's own implementation of ``alg_name`` when the installed EasyEdit's
+    cannot edit an arbitrary model (:func:`compat.easyedit_method_limits`), else None: the bench then runs the
+    plugin's (the same algorithm; it edits any model) and says so in the log."""
+    why = compat.easyedit_method_limits(alg_name)
+    if why is None:
+        return None
+    from .. import baselines
+
+    spec = baselines._specs().get(alg_name)
+    if spec is None:
+        return None
+    LOG.warning("%s: %s; the bench runs the plugin's %s instead", alg_name, why, alg_name)
+    return spec[0], spec[1]()
 
 
 def load_hparams(alg_name: str, path: Path, overrides: Dict[str, Any]):
@@ -62,8 +79,11 @@ def load_hparams(alg_name: str, path: Path, overrides: Dict[str, Any]):
     if hasattr(cls, "from_dict"):
         hp = cls.from_dict(config, source=str(path)) if "source" in _params(cls.from_dict) else \
             cls.from_dict(config)
-    else:
-        hp = cls.from_hparams(str(path))
+    else:  # EasyEdit's class: one yaml loads with PyPI's and GitHub's (missing fields filled, unknown ones dropped)
+        try:
+            hp = compat.hparams_from_config(cls, config, source=str(path))
+        except (TypeError, ValueError) as exc:
+            raise MethodError(str(exc)) from exc
     for key, value in (overrides or {}).items():
         if not hasattr(hp, key):
             raise MethodError(f"{alg_name} hparams have no field {key!r} (from overrides); known: "
@@ -72,6 +92,13 @@ def load_hparams(alg_name: str, path: Path, overrides: Dict[str, Any]):
     if overrides and hasattr(hp, "validate"):
         hp.validate()
     return hp
+
+
+def registry_lacks(alg_name: str) -> bool:
+    """Whether the plugin did not register its own ``alg_name`` with EasyEdit (EasyEdit has one)."""
+    from ..easyedit import registry
+
+    return registry.hparams_class(alg_name) is None
 
 
 def _params(fn) -> List[str]:
@@ -124,6 +151,9 @@ class MethodRunner:
     def start(self, model, tok):
         """Build the EasyEdit editor on ``model`` (a fresh base model for this method)."""
         self.editor = compat.make_editor(self.hparams, model=model, tok=tok)
+        own = plugin_implementation(self.alg_name) if registry_lacks(self.alg_name) else None
+        if own is not None:
+            self.editor.apply_algo = own[0]
         compat.apply_padding_side(self.editor.tok, self.alg_name, self.editor.model)
         return self.editor
 
@@ -153,6 +183,7 @@ class MethodRunner:
             edited, weights_copy = self.editor.apply_algo(
                 self.editor.model, self.editor.tok, requests, self.editor.hparams, copy=False,
                 return_orig_weights=single_round, keep_original_weight=single_round)
+        edited = compat.unwrap_edited_model(self.editor.model, edited)  # GitHub's GRACE returns its wrapper
         if is_peft_model(edited) and not single_round:
             # consecutive LoRA: merge each batch's adapter into the weights, so the next batch adapts the
             # edited model (a second adapter cannot be stacked on EasyEdit's PeftModel)

@@ -1241,6 +1241,31 @@ def easyedit_hparams_class(alg_name: str) -> Optional[type]:
     return None
 
 
+def _required_fields(cls: type) -> List[str]:
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cls):
+        return []
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING]
+
+
+def easyedit_method_limits(alg_name: str) -> Optional[str]:
+    """Why the installed EasyEdit's own ``alg_name`` cannot edit an arbitrary model, or None when it can.
+
+    Newer EasyEdit's AlphaEdit (recognised by its required ``P_loc``, a precomputed projection file) picks the
+    projection matrices' shapes by substrings of ``model_name`` (llama / qwen / gpt-j-6b / gpt2-xl: any other
+    name, SmolLM2's included, fails with ``NameError: P``), writes ``null_space_project.pt`` into the working
+    directory and keeps the projection in module globals, reused for the next model."""
+    if alg_name == "AlphaEdit":
+        cls = easyedit_hparams_class(alg_name)
+        if cls is not None and "P_loc" in _required_fields(cls):
+            return ("the installed EasyEdit's AlphaEdit sizes its null-space projection by the model's name "
+                    "(llama/qwen/gpt-j-6b/gpt2-xl only), writes null_space_project.pt into the working directory "
+                    "and reuses it across models")
+    return None
+
+
 def hparams_from_config(cls: type, config: Dict[str, Any], source: str = "hparams") -> Any:
     """Build the EasyEdit hparams dataclass ``cls`` from a yaml's fields so that one yaml loads with either
     EasyEdit's classes: required fields the yaml lacks are derived (:func:`_derived_fields`) or filled with
