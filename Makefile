@@ -55,7 +55,8 @@ GH_TESTS        ?= -m "easyedit and not slow"
 setup-github: $(GH_STAMP)
 
 $(GH_EASYEDIT)/easyeditor/__init__.py:
-	@test -f $(GH_TARBALL) || { echo "GitHub EasyEdit not found at $(GH_TARBALL); set SHARED=... or GH_TARBALL=..." >&2; exit 1; }
+	@test -f $(GH_TARBALL) || { echo "GitHub EasyEdit not found at $(GH_TARBALL);" \
+	    "set COACHHOOK_SHARED (the shared folder) or GH_TARBALL" >&2; exit 1; }
 	mkdir -p $(GH_EASYEDIT)
 	tar -xzf $(GH_TARBALL) -C $(GH_EASYEDIT)
 	@touch $@
