@@ -96,12 +96,45 @@ def prepare_requests(requests: Sequence[Dict]) -> List[EditRequest]:
 
 
 # ----------------------------------------------------------------------------- data files
-def load_requests(path, num_edits: Optional[int] = None) -> List[Dict]:
-    """Edit requests from an EasyEdit data file (a JSON list), first `num_edits` records (all when None).
+#: the prefix of ZsRE's locality questions in MEND's files (the CoachHooK paper strips it)
+ZSRE_LOCALITY_PREFIX = "nq question: "
 
-    CounterFact (EasyEdit format): case_id, prompt, subject, target_new, ground_truth, rephrase_prompt,
-    locality_prompt, locality_ground_truth. ZsRE (MEND format): subject, src, alt, answers, rephrase, loc,
-    loc_ans. Each request gets EasyEdit's keys and "case_id" (the record's own, else its index in the file)."""
+
+def record_format(r: Dict) -> Optional[str]:
+    """'zsre' (MEND format: src, alt, ...), 'counterfact' (EasyEdit format: prompt, target_new, ...) or None."""
+    if "src" in r and "alt" in r:
+        return "zsre"
+    if "prompt" in r and "target_new" in r:
+        return "counterfact"
+    return None
+
+
+def request_from_record(r: Dict, index: int, strip_locality_prefix: str = "") -> Dict:
+    """One record of an EasyEdit data file as an edit request with EasyEdit's keys (prompt, subject, target_new,
+    ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth) and a case_id (the record's own, else
+    `index`). A field the record lacks is None: validation says what is wrong with it."""
+    fmt = record_format(r)
+    if fmt == "zsre":
+        answers = r.get("answers")
+        if isinstance(answers, list):
+            answers = answers[0] if answers else r.get("pred")
+        loc = r.get("loc")
+        if strip_locality_prefix and isinstance(loc, str) and loc.startswith(strip_locality_prefix):
+            loc = loc[len(strip_locality_prefix):]
+        req = dict(prompt=r["src"], subject=r.get("subject"), target_new=r["alt"], ground_truth=answers,
+                   rephrase_prompt=r.get("rephrase"), locality_prompt=loc, locality_ground_truth=r.get("loc_ans"))
+    elif fmt == "counterfact":
+        req = {k: r.get(k) for k in ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
+                                     "locality_prompt", "locality_ground_truth")}
+    else:
+        raise RequestError(f"record {index} has keys {sorted(r)}; expected CounterFact's (prompt, subject, "
+                           f"target_new, ...) or ZsRE's (src, subject, alt, answers, ...)")
+    req["case_id"] = r["case_id"] if r.get("case_id") is not None else index
+    return req
+
+
+def read_records(path) -> List[Dict]:
+    """The records of an EasyEdit data file (a JSON list of objects)."""
     import json
     from pathlib import Path
 
@@ -114,28 +147,24 @@ def load_requests(path, num_edits: Optional[int] = None) -> List[Dict]:
         raise RequestError(f"{path} is not a JSON file ({e}); give an EasyEdit CounterFact or ZsRE JSON list") from e
     if not isinstance(records, list):
         raise RequestError(f"{path} holds a JSON {type(records).__name__}; expected a list of edit records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise RequestError(f"{path}: record {i} is a {type(r).__name__}, expected an object")
+    return records
+
+
+def load_requests(path, num_edits: Optional[int] = None) -> List[Dict]:
+    """Edit requests from an EasyEdit data file, first `num_edits` records (all when None): CounterFact (EasyEdit
+    format) or ZsRE (MEND format), see `request_from_record`."""
+    records = read_records(path)
     if num_edits is not None:
         if int(num_edits) < 1:
             raise RequestError(f"num_edits must be >= 1, got {num_edits}")
         records = records[:int(num_edits)]
-    out: List[Dict] = []
-    for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise RequestError(f"{path}: record {i} is a {type(r).__name__}, expected an object")
-        if "src" in r and "alt" in r:  # ZsRE, MEND format
-            answers = r.get("answers")
-            req = dict(prompt=r["src"], subject=r.get("subject"), target_new=r["alt"],
-                       ground_truth=answers[0] if isinstance(answers, list) and answers else answers,
-                       rephrase_prompt=r.get("rephrase"), locality_prompt=r.get("loc"),
-                       locality_ground_truth=r.get("loc_ans"))
-        elif "prompt" in r and "target_new" in r:  # CounterFact / EasyEdit format
-            req = {k: r.get(k) for k in ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
-                                         "locality_prompt", "locality_ground_truth")}
-        else:
-            raise RequestError(f"{path}: record {i} has keys {sorted(r)}; expected CounterFact's (prompt, subject, "
-                               f"target_new, ...) or ZsRE's (src, subject, alt, answers, ...)")
-        req["case_id"] = r.get("case_id", i)
-        out.append(req)
+    try:
+        out = [request_from_record(r, i) for i, r in enumerate(records)]
+    except RequestError as e:
+        raise RequestError(f"{path}: {e}") from None
     ids = [q["case_id"] for q in out]
     if len(set(map(repr, ids))) != len(ids):
         raise RequestError(f"{path}: case_id values repeat; every record needs its own case_id (or none at all)")

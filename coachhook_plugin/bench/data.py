@@ -1,20 +1,20 @@
 """Edit records for the benchmark: CounterFact and ZsRE in EasyEdit's formats, read in place.
 
 Every record becomes one CounterFact-shaped dict (``prompt, subject, target_new, ground_truth,
-rephrase_prompt, locality_prompt, locality_ground_truth``), the shape EasyEdit's example scripts build
-from both files. ZsRE (MEND format: ``src, subject, alt, answers, rephrase, loc, loc_ans``) has its
-``nq question: `` prefix stripped from the locality prompt, as the CoachHooK paper does.
+rephrase_prompt, locality_prompt, locality_ground_truth``) through ``edit_requests.request_from_record`` (the
+package's one reader of both formats). ZsRE (MEND format) has its ``nq question: `` prefix stripped from the
+locality prompt, as the CoachHooK paper does. Here: the same filter, sampling and order for every method.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..edit_requests import ZSRE_LOCALITY_PREFIX, RequestError, read_records, record_format, request_from_record
+
 FIELDS = ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
           "locality_ground_truth")
-ZSRE_LOCALITY_PREFIX = "nq question: "
 
 
 class DataError(ValueError):
@@ -22,27 +22,12 @@ class DataError(ValueError):
 
 
 def detect_format(raw: List[Dict]) -> str:
-    first = raw[0] if raw else {}
-    if {"src", "alt"} <= set(first):
-        return "zsre"
-    if {"prompt", "target_new"} <= set(first):
-        return "counterfact"
-    raise DataError(f"unknown record format with fields {sorted(first)}; expected CounterFact "
-                    f"(prompt, target_new, ...) or ZsRE (src, alt, ...) in EasyEdit's format")
-
-
-def from_counterfact(r: Dict) -> Dict:
-    return {k: r[k] for k in FIELDS} | {"case_id": r.get("case_id")}
-
-
-def from_zsre(r: Dict, strip_prefix: str = ZSRE_LOCALITY_PREFIX) -> Dict:
-    loc = r["loc"]
-    if strip_prefix and loc.startswith(strip_prefix):
-        loc = loc[len(strip_prefix):]
-    answers = r.get("answers") or [r.get("pred", "")]
-    return {"prompt": r["src"], "subject": r["subject"], "target_new": r["alt"], "ground_truth": answers[0],
-            "rephrase_prompt": r["rephrase"], "locality_prompt": loc, "locality_ground_truth": r["loc_ans"],
-            "case_id": r.get("case_id")}
+    fmt = record_format(raw[0]) if raw and isinstance(raw[0], dict) else None
+    if fmt is None:
+        first = raw[0] if raw and isinstance(raw[0], dict) else {}
+        raise DataError(f"unknown record format with fields {sorted(first)}; expected CounterFact "
+                        f"(prompt, target_new, ...) or ZsRE (src, alt, ...) in EasyEdit's format")
+    return fmt
 
 
 def problem_of(r: Dict) -> Optional[str]:
@@ -68,11 +53,13 @@ def load_records(path, num_edits: int, fmt: str = "auto", sample: str = "first",
     if not path.exists():
         raise DataError(f"data file {path} not found; pass data=PATH to a CounterFact or ZsRE json "
                         f"(here: ../shared/data/counterfact/counterfact-edit.json)")
-    raw = json.loads(path.read_text())
-    if not isinstance(raw, list) or not raw:
+    try:
+        raw = read_records(path)
+    except RequestError as e:
+        raise DataError(str(e)) from None
+    if not raw:
         raise DataError(f"{path} must hold a non-empty JSON list of records")
     fmt = detect_format(raw) if fmt == "auto" else fmt
-    convert = from_zsre if fmt == "zsre" else from_counterfact
     order = list(range(len(raw)))
     if sample == "random":
         random.Random(seed).shuffle(order)
@@ -80,10 +67,10 @@ def load_records(path, num_edits: int, fmt: str = "auto", sample: str = "first",
         raise DataError(f"data.sample must be 'first' or 'random', not {sample!r}")
     records, skipped, prompts = [], [], set()
     for i in order:
-        rec = convert(raw[i], strip_locality_prefix) if fmt == "zsre" else convert(raw[i])
+        if record_format(raw[i]) != fmt:
+            raise DataError(f"{path}: record {i} is not in the {fmt} format of the records before it")
+        rec = request_from_record(raw[i], i, strip_locality_prefix if fmt == "zsre" else "")
         rec["index"] = i
-        if rec.get("case_id") is None:
-            rec["case_id"] = i
         why = problem_of(rec) or ("duplicate prompt" if rec["prompt"] in prompts else None)
         if why and skip_invalid:
             skipped.append({"index": i, "reason": why})
