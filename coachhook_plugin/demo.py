@@ -78,7 +78,7 @@ def score(model, tok, edits, loc_ref) -> Dict[str, float]:
 def _load_hparams(path, model_name, device):
     import yaml
 
-    from .easyedit.compat import import_easyeditor
+    from .easyedit.imports import import_easyeditor
     from .hparams import CoachHooKHyperParams
 
     alg = yaml.safe_load(Path(path).read_text())["alg_name"]
@@ -130,7 +130,7 @@ def _edit_consecutively(editor, edits, batch_size: int, label: str, log_path: Pa
 
     from tqdm.auto import tqdm
 
-    from .easyedit.compat import consecutive_edit_kwargs
+    from .easyedit.edit_kwargs import consecutive_edit_kwargs
 
     _quiet_console_logs()
     start = time.time()
@@ -151,7 +151,10 @@ def run_demo(num_edits: int = 30, model: str = "smollm2-135m", device: str = "au
     t_start = time.time()
     timings: Dict[str, float] = {}
     import coachhook_plugin  # registers CoachHooK with EasyEdit (before easyeditor is imported)
-    from .easyedit.compat import editing_context, make_editor, memit_context_templates, set_log_dir, to_builtin
+    from .easyedit.editor import make_editor
+    from .easyedit.logs import set_log_dir
+    from .easyedit.patches import editing_context, memit_context_templates
+    from .easyedit.results import to_builtin
     from .evaluate import locality_reference
     from .models import load_model_and_tokenizer
 

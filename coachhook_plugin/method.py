@@ -40,7 +40,7 @@ class CoachHooKState:
         self.step = 0  # number of batches written
         self.journal: List[dict] = []  # undo: snapshot from before each recent batch, newest last (≤ undo_depth)
         # Identifies the newest batch while the state is exactly what that batch left; any restore or reset clears
-        # it, so a HookRestore from an earlier batch can tell that it would roll back more than its own batch.
+        # it, so a BatchRestore from an earlier batch can tell that it would roll back more than its own batch.
         self.newest_batch_token: Optional[object] = None
         self.context_templates: Optional[List[str]] = None
         # Token ids of every edit prompt written so far, oldest first (kept whatever the alpha_rule, so the rule can
@@ -394,29 +394,24 @@ class StaleRestoreError(RuntimeError):
     """A batch's restore handle was called after the hook state changed again; nothing was changed."""
 
 
-class HookRestore(dict):
-    """EasyEdit's `weights_copy` for a method that never changes a base weight.
+class BatchRestore:
+    """Rolls one batch back: the hook state returns exactly to what it was before the batch (for a single-round
+    batch: to the base model). A method never changes a base weight, so this is all there is to restore.
 
-    It is an empty dict that is also callable, which serves both EasyEdit restore protocols:
-    - GitHub EasyEdit lists CoachHooK in CALLABLE_RESTORE_ALGS and calls `weights_copy()` when it rolls
-      back (non-sequential editing): the hook state returns exactly to what it was before the batch.
-    - PyPI EasyEdit iterates `weights_copy.items()` after every edit; that restores only when the caller
-      asked to keep the original weights (single-round), so repeated calls are otherwise consecutive.
-    A handle rolls back its own batch only: it works while that batch is the newest change to the state, at
-    most once (a second call does nothing). Called after the state changed again (a later batch, an undo, a
-    load, a restore), it raises StaleRestoreError and changes nothing: rolling back to before its batch
-    would silently drop every later batch too.
+    It works while its batch is the newest change to the state, at most once (a second call does nothing).
+    Called after the state changed again (a later batch, an undo, a load, a restore), it raises
+    StaleRestoreError and changes nothing: rolling back to before its batch would silently drop every later
+    batch too. (How EasyEdit calls it is the registry adapter's business: coachhook_plugin.easyedit.registry.)
     """
 
-    def __init__(self, state: CoachHooKState, snapshot: dict, restore_on_items: bool = False):
-        super().__init__()
-        self._state, self._snapshot, self._restore_on_items = state, snapshot, restore_on_items
+    def __init__(self, state: CoachHooKState, snapshot: dict, journal_entry: dict):
+        self._state, self._snapshot = state, snapshot
         self.restored = False
-        self.journal_entry = None  # this batch's undo-journal entry, dropped when the batch is rolled back
+        self.journal_entry = journal_entry  # this batch's undo-journal entry, dropped when the batch is rolled back
         self.batch_token = object()  # matches state.newest_batch_token while this batch is the newest change
         self.step_after = state.step  # for the error message
 
-    def __call__(self):
+    def __call__(self) -> None:
         if self.restored:
             return
         if self._state.newest_batch_token is not self.batch_token:
@@ -433,15 +428,13 @@ class HookRestore(dict):
         if journal and journal[-1] is self.journal_entry:
             journal.pop()  # the batch is gone: undo must not count it
 
-    def items(self):
-        if self._restore_on_items:
-            self()
-        return super().items()
+    def __repr__(self):
+        return f"BatchRestore(step_after={self.step_after}, restored={self.restored})"
 
 
 def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHooKHyperParams, copy: bool = False,
                              return_orig_weights: bool = False, keep_original_weight: bool = False,
-                             **kwargs) -> Tuple[torch.nn.Module, HookRestore]:
+                             **kwargs) -> Tuple[torch.nn.Module, BatchRestore]:
     """EasyEdit's apply contract. Repeated calls on one model are consecutive (hook state accumulates)
     unless `hparams.consecutive` is false or EasyEdit asks to keep the original weights (single-round:
     each batch starts from the base model). The batch is all-or-nothing: on any error the state is
@@ -477,8 +470,7 @@ def apply_coachhook_to_model(model, tok, requests: List[Dict], hparams: CoachHoo
     state.last_info = info
     state.journal.append(snap)  # undo journal: the state from before this batch, at most undo_depth kept
     del state.journal[:max(0, len(state.journal) - int(hparams.undo_depth))]
-    handle = HookRestore(state, restore_point, restore_on_items=keep_original_weight)
-    handle.journal_entry = snap
+    handle = BatchRestore(state, restore_point, journal_entry=snap)
     state.newest_batch_token = handle.batch_token
     return model, handle
 

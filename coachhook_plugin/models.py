@@ -6,7 +6,7 @@ with weights in (out, in) orientation; `weight_out_in` is the one place that kno
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -57,10 +57,24 @@ def model_name_for_stats(model: torch.nn.Module) -> str:
     return model_names_for_stats(model)[0]
 
 
+def stats_model_dir_names(name_or_path: str) -> List[str]:
+    """The folder names under ``stats_dir`` where EasyEdit's statistics readers look for a model whose
+    ``config._name_or_path`` is ``name_or_path``, most widely used first (deduplicated, never empty).
+
+    Both EasyEdits' MEMIT/ROME/AlphaEdit covariance helpers key their caches by ``name.replace("/", "_")``;
+    the file itself is named by ``layer_stats``, which uses that name in PyPI EasyEdit and
+    ``name.rsplit("/")[-1]`` (the last path component) in newer EasyEdit. For a hub id or a local path the two
+    differ (``org/model`` -> ``org_model`` vs ``model``); a file under every name is found by both."""
+    name = str(name_or_path)
+    names = []
+    for candidate in (name.replace("/", "_"), name.rsplit("/")[-1]):
+        if candidate and candidate not in names:
+            names.append(candidate)
+    return names or [name]
+
+
 def model_names_for_stats(model: torch.nn.Module) -> list:
     """Every directory name under which an installed-or-not EasyEdit looks for this model's statistics."""
-    from .easyedit.compat import stats_model_dir_names
-
     return stats_model_dir_names(str(getattr(model.config, "_name_or_path", "") or type(model).__name__))
 
 

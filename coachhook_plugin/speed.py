@@ -53,7 +53,9 @@ def _batch_kwargs(records: Sequence[Dict]) -> Dict[str, List[str]]:
 def edit_time(model, tok, hparams, memit_hparams, records: Sequence[Dict]) -> Dict[str, object]:
     """Seconds per edit for one batch of `records` with CoachHooK (and its split) and EasyEdit's MEMIT."""
     from . import method, remove_coachhook
-    from .easyedit.compat import consecutive_edit_kwargs, editing_context, make_editor, memit_context_templates
+    from .easyedit.edit_kwargs import consecutive_edit_kwargs
+    from .easyedit.editor import make_editor
+    from .easyedit.patches import editing_context, memit_context_templates
 
     n = len(records)
     editor = make_editor(hparams, model, tok)

@@ -46,7 +46,9 @@ def ensure_statistics(editor, hp, corpus: Path):
 def run(hparams_path, n=30, batch=10, data=None, corpus=None, out=None):
     import coachhook_plugin  # first: registers CoachHooK and makes `import easyeditor` work on a text-only set-up
     from easyeditor.evaluate import compute_edit_quality
-    from coachhook_plugin.easyedit.compat import editing_context, make_editor, to_builtin
+    from coachhook_plugin.easyedit.editor import make_editor
+    from coachhook_plugin.easyedit.patches import editing_context
+    from coachhook_plugin.easyedit.results import to_builtin
 
     data = Path(data or SHARED / "data/counterfact/counterfact-edit.json")
     corpus = Path(corpus or SHARED / "data/corpus/wikitext-2-raw-test.txt")

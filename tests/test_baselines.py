@@ -39,11 +39,11 @@ def _next_token_logits(model, tok, prompt):
 
 
 def test_ft_m_edits_through_base_editor_and_restores(tmp_path, ee):
-    import coachhook_plugin
-    from coachhook_plugin.baselines.ft_m import FTMHyperParams
+    from coachhook_plugin.bench.methods import register_bench_methods
+    from coachhook_plugin.bench.baselines.ft_m import FTMHyperParams
     from coachhook_plugin.easyedit import make_editor
 
-    assert coachhook_plugin.register()
+    assert register_bench_methods()
     model, tok = H.tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     editor = make_editor(_hparams(FTMHyperParams, "FT-M", tmp_path), model=model, tok=tok)
@@ -53,7 +53,7 @@ def test_ft_m_edits_through_base_editor_and_restores(tmp_path, ee):
     assert metrics[0]["post"]["rewrite_acc"] == [1.0] and metrics[0]["pre"]["rewrite_acc"] == [0.0]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # single edit rolled back
     hp = editor.hparams
-    from coachhook_plugin.baselines.ft_m import apply_ft_m_to_model
+    from coachhook_plugin.bench.baselines.ft_m import apply_ft_m_to_model
 
     apply_ft_m_to_model(model, tok, [EDIT], hp)
     assert H.predict_next(model, tok, EDIT["prompt"]) == " Rome"
@@ -66,7 +66,7 @@ def test_ft_m_edits_through_base_editor_and_restores(tmp_path, ee):
 def test_ft_m_norm_constraint_false_means_unconstrained(tmp_path):
     """EasyEdit's Llama FT yaml writes ``norm_constraint: false``; FT-M must read it as "no clamp", not a clamp
     of 0 (which would leave the weights untouched)."""
-    from coachhook_plugin.baselines.ft_m import FTMHyperParams, apply_ft_m_to_model
+    from coachhook_plugin.bench.baselines.ft_m import FTMHyperParams, apply_ft_m_to_model
 
     hp = _hparams(FTMHyperParams, "FT-M", tmp_path, norm_constraint=False)
     assert hp.norm_constraint is None
@@ -78,7 +78,7 @@ def test_ft_m_norm_constraint_false_means_unconstrained(tmp_path):
 
 
 def test_grace_codebook_edits_defers_and_splits(tmp_path):
-    from coachhook_plugin.baselines import grace
+    from coachhook_plugin.bench.baselines import grace
 
     model, tok = H.tiny_model()
     hp = _hparams(grace.GRACEHyperParams, "GRACE", tmp_path)
@@ -106,14 +106,14 @@ def test_grace_codebook_edits_defers_and_splits(tmp_path):
     # single-round: starts empty, the handle empties the codebook again
     _, handle = grace.apply_grace_to_model(model, tok, [EDIT], hp, keep_original_weight=True)
     assert len(book) == 1 and book.labels == ["Rome"]
-    list(handle.items())
-    assert len(book) == 0 and handle.restored
+    handle()  # what EasyEdit's single-round roll-back calls (through the registry's RestoreHandle)
+    assert len(book) == 0
     grace.remove_grace(model)
     assert H.predict_next(model, tok, EDIT["prompt"]) == " Paris"
 
 
 def test_alphaedit_projection_keeps_preserved_keys():
-    from coachhook_plugin.baselines.alphaedit import null_space_projection, projected_update
+    from coachhook_plugin.bench.baselines.alphaedit import null_space_projection, projected_update
 
     torch.manual_seed(0)
     d_in, d_out, n = 12, 5, 3
@@ -132,11 +132,11 @@ def test_alphaedit_projection_keeps_preserved_keys():
 
 
 def test_alphaedit_edits_and_leaves_preserved_outputs(tmp_path, ee, monkeypatch):
-    import coachhook_plugin
-    from coachhook_plugin.baselines import alphaedit
+    from coachhook_plugin.bench.methods import register_bench_methods
+    from coachhook_plugin.bench.baselines import alphaedit
     from coachhook_plugin.easyedit import editing_context
 
-    assert coachhook_plugin.register()
+    assert register_bench_methods()
     from easyeditor.models.rome import layer_stats
 
     monkeypatch.setattr(layer_stats, "load_dataset", lambda *a, **k: pytest.fail("tried to download"))
@@ -180,7 +180,7 @@ def _mean_cov(stats_dir, layer):
 
 def test_coachhook_without_hooks_writes_the_update_into_the_weights(tmp_path):
     from coachhook_plugin import get_state
-    from coachhook_plugin.baselines import coachhook_no_hooks as nohk
+    from coachhook_plugin.bench.baselines import coachhook_no_hooks as nohk
     from conftest import tiny_hparams
 
     model, tok = H.tiny_model()
@@ -193,7 +193,7 @@ def test_coachhook_without_hooks_writes_the_update_into_the_weights(tmp_path):
     assert all(h.num_keys == 1 and float(h.key_gram.abs().max()) > 0 for h in state.layers.values())  # ... Σkkᵀ kept
     assert not torch.equal(model.get_submodule("transformer.h.2.mlp.c_proj").weight, w_before)
     assert H.predict_next(model, tok, EDIT["prompt"]) == " Rome"
-    list(handle.items())  # single-round roll-back: weights and hook state
+    handle()  # single-round roll-back (what the registry's RestoreHandle calls): weights and hook state
     assert torch.equal(model.get_submodule("transformer.h.2.mlp.c_proj").weight, w_before)
     assert get_state(model) is None  # there was no hook state before this batch
 
@@ -205,10 +205,10 @@ BASELINE_FOLDERS = ("ROME", "FT", "FT-M", "LoRA", "GRACE", "AlphaEdit", "MEMIT")
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_hparams_load(path, ee):
     """Every shipped baseline yaml loads the way `coachhook bench` loads it, with either EasyEdit's classes."""
-    import coachhook_plugin
+    from coachhook_plugin.bench.methods import register_bench_methods
     from coachhook_plugin.bench.methods import load_hparams
 
-    assert coachhook_plugin.register()
+    assert register_bench_methods()
     config = yaml.safe_load(path.read_text())
     hp = load_hparams(config["alg_name"], path, {})
     assert hp.alg_name == config["alg_name"]

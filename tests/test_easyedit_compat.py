@@ -202,7 +202,9 @@ def test_to_builtin_makes_metrics_json_serialisable():
 
 def test_is_batchable_knows_the_methods_that_read_one_request(ee):
     """ROME/KN read ``requests[0]`` only; PyPI's BatchEditor list lacks LoRA; the registry's methods answer."""
-    import coachhook_plugin  # noqa: F401 — registers CoachHooK and the plugin's baselines
+    from coachhook_plugin.bench.methods import register_bench_methods
+
+    assert register_bench_methods()  # CoachHooK and the plugin's baselines
 
     assert not compat.is_batchable("ROME") and not compat.is_batchable("KN")
     for alg in ("MEMIT", "FT", "LoRA", "AlphaEdit", "CoachHooK", "CoachHooK-noHK"):
@@ -211,8 +213,8 @@ def test_is_batchable_knows_the_methods_that_read_one_request(ee):
 
 def test_context_templates_reach_memit_and_rome_and_are_put_back(ee):
     """The bench's shared templates go to both of EasyEdit's caches (MEMIT grouped, ROME flat), then back."""
-    memit_main = compat._ee_module("easyeditor.models.memit.memit_main")
-    rome_main = compat._ee_module("easyeditor.models.rome.rome_main")
+    memit_main = compat.easyeditor_module("easyeditor.models.memit.memit_main")
+    rome_main = compat.easyeditor_module("easyeditor.models.rome.rome_main")
     before = (memit_main.CONTEXT_TEMPLATES_CACHE, rome_main.CONTEXT_TEMPLATES_CACHE)
     with compat.memit_context_templates(["{}", "Hello. {}"]):
         assert memit_main.CONTEXT_TEMPLATES_CACHE == [["{}"], ["Hello. {}"]]

@@ -42,7 +42,7 @@ def test_compute_edit_quality_runs_on_cpu_after_import(ee, device):
         from easyeditor.evaluate import compute_edit_quality as unpatched
 
         assert unpatched is not compute_edit_quality
-        if device == "cpu" and compat._ee_module("easyeditor.util.device") is not None:
+        if device == "cpu" and compat.easyeditor_module("easyeditor.util.device") is not None:
             unpatched(model, "tiny-gpt2", hp, tok, RECORD, device)  # GitHub EasyEdit maps "cpu" itself
         else:
             with pytest.raises((RuntimeError, AssertionError)):  # "Invalid device string" / "not compiled with CUDA"

@@ -194,8 +194,10 @@ def test_register_is_safe_without_easyeditor(monkeypatch):
     def no_easyeditor():  # not installed at all: quiet (one that fails to import warns, see test_easyedit_flavours)
         raise ModuleNotFoundError("No module named 'easyeditor'", name="easyeditor")
 
-    monkeypatch.setattr(compat, "_installed", {})
-    monkeypatch.setattr(compat, "import_easyeditor", no_easyeditor)
+    from coachhook_plugin.easyedit import editor, imports
+
+    monkeypatch.setattr(editor, "_installed", {})
+    monkeypatch.setattr(imports, "import_easyeditor", no_easyeditor)
     import warnings
 
     with warnings.catch_warnings():

@@ -123,16 +123,15 @@ def run_bench(cfg) -> Dict:
     import torch
     from omegaconf import OmegaConf
 
-    import coachhook_plugin
-    from ..easyedit import compat
+    from ..easyedit import editor
     from .data import load_records
     from .evaluation import Evaluator
     from .memory import PeakMemory
-    from .methods import MethodRunner
+    from .methods import MethodRunner, register_bench_methods
     from .protocols import MethodRun, checkpoint_set
     from .report import markdown_table, plot, write_json
 
-    coachhook_plugin.register()
+    register_bench_methods()
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     protocol = cfg.protocol.name
@@ -161,7 +160,7 @@ def run_bench(cfg) -> Dict:
     per_record: Dict[str, List] = {}
 
     def load_base():
-        model, tok = compat.load_model_and_tokenizer(cfg.model.name)
+        model, tok = editor.load_model_and_tokenizer(cfg.model.name)
         return model, tok
 
     templates = None
@@ -185,7 +184,7 @@ def run_bench(cfg) -> Dict:
             if not reference_taken:  # the pre-edit locality answers, once, on the base model
                 # (EasyEdit's evaluation backend reads hparams.device and max_length: any method's hparams will do)
                 evaluator.take_reference(model, tok, records, hparams=runner.hparams,
-                                         model_name=compat.model_display_name(model))
+                                         model_name=editor.model_display_name(model))
                 reference_taken = True
             entry["hparams"] = str(path)
             from .methods import hparams_dict

@@ -80,7 +80,7 @@ class Evaluator:
     def _easyedit(self, model, tok, rec, hparams, model_name):
         from easyeditor.evaluate import compute_edit_quality
 
-        from ..easyedit.compat import editing_context
+        from ..easyedit.patches import editing_context
 
         with editing_context():
             return compute_edit_quality(model, model_name, hparams, tok, easyedit_request(rec), hparams.device)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
-from ..easyedit import compat
+from ..easyedit import edit_kwargs, editor, hparams_files, patches, results
 from .data import easyedit_request
 
 LOG = logging.getLogger(__name__)
@@ -32,11 +32,28 @@ class MethodError(RuntimeError):
     pass
 
 
+def register_bench_methods() -> bool:
+    """CoachHooK and the plugin's baselines (FT-M, GRACE, AlphaEdit, CoachHooK w/o HK, where EasyEdit lacks them)
+    in EasyEdit's tables: the bench's methods, registered by the bench (``import coachhook_plugin`` registers
+    CoachHooK only). Idempotent; False when EasyEdit is not importable."""
+    import coachhook_plugin
+
+    from .baselines import register_baselines
+
+    if not coachhook_plugin.register():
+        return False
+    try:
+        register_baselines()
+    except Exception as exc:  # a baseline must never stop CoachHooK from running
+        LOG.warning("coachhook-plugin baselines not registered with EasyEdit: %s", exc)
+    return True
+
+
 def hparams_class(alg_name: str):
     import coachhook_plugin
     from ..easyedit import registry
 
-    coachhook_plugin.register()
+    register_bench_methods()
     if alg_name == "CoachHooK":
         return coachhook_plugin.CoachHooKHyperParams
     cls = registry.hparams_class(alg_name)  # a plugin baseline registered because EasyEdit lacks it
@@ -44,7 +61,7 @@ def hparams_class(alg_name: str):
         return cls
     if plugin_implementation(alg_name) is not None:
         return plugin_implementation(alg_name)[1]
-    cls = compat.easyedit_hparams_class(alg_name)  # e.g. GitHub EasyEdit's GRACE class is GraceHyperParams
+    cls = hparams_files.easyedit_hparams_class(alg_name)  # e.g. GitHub EasyEdit's GRACE class is GraceHyperParams
     if cls is None:
         raise MethodError(f"the installed EasyEdit has no {alg_name}HyperParams and the plugin does not supply "
                           f"{alg_name}; pick one of the registered methods or install a newer EasyEdit")
@@ -53,12 +70,12 @@ def hparams_class(alg_name: str):
 
 def plugin_implementation(alg_name: str):
     """(apply_fn, hparams class) of the plugin's own implementation of ``alg_name`` when the installed EasyEdit's
-    cannot edit an arbitrary model (:func:`compat.easyedit_method_limits`), else None: the bench then runs the
+    cannot edit an arbitrary model (:func:`hparams_files.easyedit_method_limits`), else None: the bench then runs the
     plugin's (the same algorithm; it edits any model) and says so in the log."""
-    why = compat.easyedit_method_limits(alg_name)
+    why = hparams_files.easyedit_method_limits(alg_name)
     if why is None:
         return None
-    from .. import baselines
+    from . import baselines
 
     spec = baselines._specs().get(alg_name)
     if spec is None:
@@ -81,7 +98,7 @@ def load_hparams(alg_name: str, path: Path, overrides: Dict[str, Any]):
             cls.from_dict(config)
     else:  # EasyEdit's class: one yaml loads with PyPI's and GitHub's (missing fields filled, unknown ones dropped)
         try:
-            hp = compat.hparams_from_config(cls, config, source=str(path))
+            hp = hparams_files.hparams_from_config(cls, config, source=str(path))
         except (TypeError, ValueError) as exc:
             raise MethodError(str(exc)) from exc
     for key, value in (overrides or {}).items():
@@ -114,7 +131,7 @@ def hparams_dict(hp) -> Dict[str, Any]:
     d = dataclasses.asdict(hp) if dataclasses.is_dataclass(hp) else dict(vars(hp))
     if not isinstance(d.get("model_name"), (str, type(None))):
         d["model_name"] = str(getattr(hp, "model_name", ""))
-    return compat.to_builtin(d)
+    return results.to_builtin(d)
 
 
 def is_peft_model(model) -> bool:
@@ -142,7 +159,7 @@ class MethodRunner:
     @property
     def batchable(self) -> bool:
         """Whether one dispatch call writes every record (ROME/KN read the first request only)."""
-        return compat.is_batchable(self.alg_name)
+        return edit_kwargs.is_batchable(self.alg_name)
 
     @property
     def needs_stats(self) -> bool:
@@ -150,11 +167,11 @@ class MethodRunner:
 
     def start(self, model, tok):
         """Build the EasyEdit editor on ``model`` (a fresh base model for this method)."""
-        self.editor = compat.make_editor(self.hparams, model=model, tok=tok)
+        self.editor = editor.make_editor(self.hparams, model=model, tok=tok)
         own = plugin_implementation(self.alg_name) if registry_lacks(self.alg_name) else None
         if own is not None:
             self.editor.apply_algo = own[0]
-        compat.apply_padding_side(self.editor.tok, self.alg_name, self.editor.model)
+        editor.apply_padding_side(self.editor.tok, self.alg_name, self.editor.model)
         return self.editor
 
     @property
@@ -167,7 +184,7 @@ class MethodRunner:
 
     def _templates_scope(self):
         if self.context_templates and self.alg_name in SHARED_TEMPLATE_ALGS:
-            return compat.memit_context_templates(self.context_templates)
+            return patches.memit_context_templates(self.context_templates)
         return nullcontext()
 
     def edit(self, records: List[Dict], single_round: bool) -> List[Any]:
@@ -179,11 +196,11 @@ class MethodRunner:
             raise ValueError(f"{self.alg_name} writes only the first request of a list (EasyEdit cannot batch "
                              f"it); edit its records one at a time")
         requests = [easyedit_request(r) for r in records]
-        with compat.editing_context(), self._templates_scope():
+        with patches.editing_context(), self._templates_scope():
             edited, weights_copy = self.editor.apply_algo(
                 self.editor.model, self.editor.tok, requests, self.editor.hparams, copy=False,
                 return_orig_weights=single_round, keep_original_weight=single_round)
-        edited = compat.unwrap_edited_model(self.editor.model, edited)  # GitHub's GRACE returns its wrapper
+        edited = results.unwrap_edited_model(self.editor.model, edited)  # GitHub's GRACE returns its wrapper
         if is_peft_model(edited) and not single_round:
             # consecutive LoRA: merge each batch's adapter into the weights, so the next batch adapts the
             # edited model (a second adapter cannot be stacked on EasyEdit's PeftModel)
@@ -195,4 +212,4 @@ class MethodRunner:
         if is_peft_model(self.editor.model):
             self.editor.model = self.editor.model.unload()  # the LoRA layers out, the base weights as they were
             return
-        compat.restore_weights(self.editor.model, weights_copy)
+        results.restore_weights(self.editor.model, weights_copy)

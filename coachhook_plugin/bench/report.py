@@ -15,7 +15,7 @@ CURVE_METRICS = ("reliability", "generality", "locality", "generative_reliabilit
 
 def plain(obj):
     """JSON with plain Python numbers only (no numpy / tensors; NaN and inf become null)."""
-    from ..easyedit.compat import to_builtin
+    from ..easyedit.results import to_builtin
 
     obj = to_builtin(obj)
 

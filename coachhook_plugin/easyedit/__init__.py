@@ -1,4 +1,6 @@
-"""EasyEdit integration: compatibility layer (:mod:`.compat`) and method registration (:mod:`.registry`).
+"""EasyEdit integration: method registration (:mod:`.registry`) and the EasyEdit fixes, one module per concern
+(:mod:`.imports`, :mod:`.devices`, :mod:`.patches`, :mod:`.logs`, :mod:`.editor`, :mod:`.evaluation`,
+:mod:`.edit_kwargs`, :mod:`.results`, :mod:`.hparams_files`; :mod:`.compat` re-exports their public names).
 
 Typical use::
 
@@ -10,9 +12,13 @@ Typical use::
 
 Importing this package does not import easyeditor; the functions do, on first use.
 """
-from .compat import (MissingMultimodalDependency, block_output_compat, consecutive_edit_kwargs, cpu_fallback,
-                     editing_context, import_easyeditor, install, load_model_and_tokenizer, lora_compat, make_editor,
-                     restore_weights, set_log_dir, single_round_edit_kwargs, to_builtin, uninstall)
+from .devices import cpu_fallback
+from .edit_kwargs import consecutive_edit_kwargs, single_round_edit_kwargs
+from .editor import install, load_model_and_tokenizer, make_editor, uninstall
+from .imports import MissingMultimodalDependency, import_easyeditor
+from .logs import set_log_dir
+from .patches import block_output_compat, editing_context, lora_compat
+from .results import restore_weights, to_builtin
 from .registry import RestoreHandle, register, register_method, unregister_method
 
 __all__ = [

@@ -18,7 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from . import compat
+from . import editor
+from .imports import easyeditor_import_error, easyeditor_module, easyeditor_not_installed, import_easyeditor
 
 LOG = logging.getLogger(__name__)
 
@@ -42,31 +43,37 @@ _ORIGINAL_IS_BATCHABLE: Dict[type, Any] = {}
 
 
 class RestoreHandle(dict):
-    """An *empty dict* that is also a restore callable.
+    """EasyEdit's ``weights_copy`` for a method restored by a callable: an *empty dict* that is also callable.
 
-    Methods restored by a callable (hook-based editors such as CoachHooK, GRACE, WISE) return one from
-    ``apply_fn``; the two EasyEdit flavours consume ``weights_copy`` differently:
+    Every registered method's ``apply_fn`` may return a plain restore callable (hook-based editors such as
+    CoachHooK, GRACE, WISE, or a method that keeps its own copy of the weights); the dispatch adapter wraps it in
+    this one handle, because the two EasyEdit flavours consume ``weights_copy`` differently:
 
-    * newer EasyEdit (``CALLABLE_RESTORE_ALGS``) calls ``weights_copy()``;
-    * PyPI EasyEdit iterates ``weights_copy.items()`` and copies tensors back.
+    * newer EasyEdit (``CALLABLE_RESTORE_ALGS``) calls ``weights_copy()`` when it rolls back;
+    * PyPI EasyEdit iterates ``weights_copy.items()`` after *every* edit and copies tensors back. ``.items()``
+      therefore restores only when the caller asked to keep the original weights (``keep_original_weight=True``,
+      single-round); otherwise repeated calls stay consecutive. As a dict it contributes no tensors.
 
-    This object works with both: calling it or asking for ``.items()`` runs the restore function
-    (at most once) and, as a dict, it contributes no tensors. ``bool(handle)`` is True until restored.
+    The restore function runs at most once; ``bool(handle)`` is True until it has. Whatever the restore function
+    raises (e.g. CoachHooK's StaleRestoreError) reaches the caller, and the handle stays unrestored.
     """
 
-    def __init__(self, restore_fn: Callable[[], Any]):
+    def __init__(self, restore_fn: Callable[[], Any], restore_on_items: bool = False):
         super().__init__()
         self._restore_fn = restore_fn
+        self.restore_on_items = bool(restore_on_items)
         self.restored = False
 
     def __call__(self):
-        if not self.restored:
-            self.restored = True
-            return self._restore_fn()
-        return None
+        if self.restored:
+            return None
+        result = self._restore_fn()
+        self.restored = True
+        return result
 
     def items(self):
-        self()
+        if self.restore_on_items:
+            self()
         return super().items()
 
     def __bool__(self):
@@ -80,18 +87,31 @@ def _nothing_to_restore():
     return None
 
 
-def as_weights_copy(restore: Any, callable_restore: bool = False) -> Any:
+def as_weights_copy(restore: Any, callable_restore: bool = False, restore_on_items: bool = False) -> Any:
     """Normalise what an ``apply_fn`` returned as its second value for both EasyEdit flavours.
 
-    ``None`` (nothing to restore) becomes ``{}``, or, for a method listed in newer EasyEdit's
-    ``CALLABLE_RESTORE_ALGS`` (which calls ``weights_copy()`` unconditionally), an empty no-op handle."""
+    A restore callable becomes a :class:`RestoreHandle` (``restore_on_items``: the call asked to keep the original
+    weights). ``None`` (nothing to restore) becomes ``{}``, or, for a method listed in newer EasyEdit's
+    ``CALLABLE_RESTORE_ALGS`` (which calls ``weights_copy()`` unconditionally), an empty no-op handle.
+    A ``{param: tensor}`` dict is EasyEdit's own protocol and passes through."""
     if restore is None:
         return RestoreHandle(_nothing_to_restore) if callable_restore else {}
     if isinstance(restore, dict):
         return restore
     if callable(restore):
-        return RestoreHandle(restore)
+        return RestoreHandle(restore, restore_on_items=restore_on_items)
     return restore
+
+
+#: where EasyEdit's apply contract puts keep_original_weight when it is passed by position
+#: (model, tok, requests, hparams, copy, return_orig_weights, keep_original_weight)
+_KEEP_ORIGINAL_WEIGHT_POSITION = 6
+
+
+def _keeps_original_weight(args, kwargs) -> bool:
+    if "keep_original_weight" in kwargs:
+        return bool(kwargs["keep_original_weight"])
+    return bool(args[_KEEP_ORIGINAL_WEIGHT_POSITION]) if len(args) > _KEEP_ORIGINAL_WEIGHT_POSITION else False
 
 
 def _dispatch_adapter(name: str, apply_fn: Callable) -> Callable:
@@ -101,7 +121,8 @@ def _dispatch_adapter(name: str, apply_fn: Callable) -> Callable:
         if isinstance(result, tuple) and len(result) == 2:
             model, restore = result
             spec = _METHODS.get(name)
-            return model, as_weights_copy(restore, callable_restore=bool(spec and spec.callable_restore))
+            return model, as_weights_copy(restore, callable_restore=bool(spec and spec.callable_restore),
+                                          restore_on_items=_keeps_original_weight(args, kwargs))
         return result
 
     dispatch.__coachhook_method__ = name
@@ -112,7 +133,7 @@ def _alg_dicts():
     """Every distinct ALG_DICT object EasyEdit's modules reference."""
     seen = []
     for modname in ("easyeditor.util.alg_dict", "easyeditor.editors.editor", "easyeditor.util"):
-        mod = sys.modules.get(modname) or compat._ee_module(modname)
+        mod = sys.modules.get(modname) or easyeditor_module(modname)
         table = getattr(mod, "ALG_DICT", None)
         if isinstance(table, dict) and not any(table is t for t in seen):
             seen.append(table)
@@ -122,7 +143,7 @@ def _alg_dicts():
 def _batch_editor_classes():
     out = []
     for modname in ("easyeditor.editors.batch_editor", "easyeditor.editors.editor", "easyeditor.editors"):
-        mod = sys.modules.get(modname) or compat._ee_module(modname)
+        mod = sys.modules.get(modname) or easyeditor_module(modname)
         cls = getattr(mod, "BatchEditor", None)
         if cls is not None and cls not in out and hasattr(cls, "is_batchable_method"):
             out.append(cls)
@@ -151,7 +172,7 @@ def _callable_restore_tables():
     """(module, attribute) pairs holding a CALLABLE_RESTORE_ALGS collection (newer EasyEdit)."""
     out = []
     for modname in ("easyeditor.editors.utils", "easyeditor.editors.editor", "easyeditor.util.alg_dict"):
-        mod = sys.modules.get(modname) or compat._ee_module(modname)
+        mod = sys.modules.get(modname) or easyeditor_module(modname)
         if mod is not None and hasattr(mod, "CALLABLE_RESTORE_ALGS"):
             out.append(mod)
     return out
@@ -187,13 +208,14 @@ def register_method(name: str, apply_fn: Callable, hparams_cls: Optional[type] =
     when an editor for this method is built (None: EasyEdit's rule, i.e. left for decoder-only models).
 
     Idempotent: registering the same name again replaces the entry without stacking wrappers.
-    Also installs the plugin's ``BaseEditor`` compatibility patches (:func:`compat.install`).
+    Also installs the plugin's ``BaseEditor`` compatibility patches (:func:`editor.install`).
     Returns True; raises ImportError when easyeditor is not importable.
     """
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side must be None, 'left' or 'right', not {padding_side!r}")
-    compat.import_easyeditor()
-    compat.install()
+    import_easyeditor()
+    editor.install()
+    editor.set_padding_side_lookup(padding_side_for)
     old = _METHODS.get(name)
     if old is not None and old.apply_fn is apply_fn:
         dispatch = old.dispatch_fn
@@ -224,6 +246,16 @@ def unregister_method(name: str) -> None:
         else:
             table[name] = previous
     _set_callable_restore(name, False)
+
+
+def easyedit_dispatches(name: str) -> bool:
+    """Whether the installed EasyEdit itself dispatches ``name`` (not counting what was registered here)."""
+    import_easyeditor()
+    for table in _alg_dicts():
+        fn = table.get(name)
+        if fn is not None and getattr(fn, "__coachhook_method__", None) != name:
+            return True
+    return False
 
 
 def is_registered(name: str) -> bool:
@@ -272,9 +304,9 @@ def register() -> bool:
     installed at all stays quiet; an EasyEdit that fails to import is a :class:`RegistrationWarning`
     carrying the import error.
     """
-    if not compat.install():
-        exc = compat.easyeditor_import_error()
-        if exc is None or compat.easyeditor_not_installed(exc):  # no EasyEdit at all: nothing to register with
+    if not editor.install():
+        exc = easyeditor_import_error()
+        if exc is None or easyeditor_not_installed(exc):  # no EasyEdit at all: nothing to register with
             LOG.debug("easyeditor is not installed: CoachHooK not registered with EasyEdit")
         else:  # an EasyEdit that fails to import: say so, or the user only finds out when "CoachHooK" is unknown
             warn_registration_failed(exc)
@@ -287,10 +319,4 @@ def register() -> bool:
         return False
     ok = register_method("CoachHooK", apply_coachhook_to_model, CoachHooKHyperParams, batchable=True,
                          callable_restore=True, padding_side="right")
-    try:  # the plugin's baselines (FT-M, GRACE, AlphaEdit, CoachHooK w/o HK) where EasyEdit lacks them
-        from coachhook_plugin.baselines import register_baselines
-
-        register_baselines()
-    except Exception as exc:  # a baseline must never stop CoachHooK from registering
-        LOG.warning("coachhook-plugin baselines not registered with EasyEdit: %s", exc)
     return ok

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ._common import RestoreCallable, clone_parameters, load_hparams, put_back
+from ._common import clone_parameters, load_hparams, put_back
 
 ALG_NAME = "AlphaEdit"
 STATE_ATTR = "_alphaedit_state"
@@ -122,7 +122,7 @@ def _ensure_state(model) -> AlphaEditState:
 
 
 def _memit():
-    from coachhook_plugin.easyedit.compat import import_easyeditor
+    from coachhook_plugin.easyedit.imports import import_easyeditor
 
     import_easyeditor()
     from easyeditor.models.memit import compute_ks as ks_module, compute_z as z_module, memit_main
@@ -188,7 +188,7 @@ def execute_alphaedit(model, tok, requests: List[Dict], hparams: AlphaEditHyperP
 
 def apply_alphaedit_to_model(model, tok, requests: List[Dict], hparams: AlphaEditHyperParams, copy: bool = False,
                              return_orig_weights: bool = False, keep_original_weight: bool = False,
-                             **kwargs) -> Tuple[torch.nn.Module, RestoreCallable]:
+                             **kwargs) -> Tuple[torch.nn.Module, Callable[[], None]]:
     """EasyEdit's apply contract. Consecutive calls accumulate the earlier edits' keys; with
     ``keep_original_weight`` a batch starts without them and the returned handle puts back both the
     weights and the key Gram matrices (single-round)."""
@@ -207,8 +207,9 @@ def apply_alphaedit_to_model(model, tok, requests: List[Dict], hparams: AlphaEdi
         state.restore(saved_state)
         raise
 
+    @torch.no_grad()
     def restore():
         put_back(model, saved_weights)
         state.restore(saved_state)
 
-    return model, RestoreCallable(restore, restore_on_items=keep_original_weight)
+    return model, restore  # a plain callable: the registry's RestoreHandle serves it to either EasyEdit

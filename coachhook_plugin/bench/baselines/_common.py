@@ -1,10 +1,11 @@
-"""What the plugin's baselines share: loading EasyEdit-style yaml hparams, restore handles, weight access."""
+"""What the plugin's baselines share: loading EasyEdit-style yaml hparams, weight access (their restore functions
+are plain callables; the registry's RestoreHandle serves them to either EasyEdit)."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Iterable, List, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 import yaml
@@ -43,30 +44,6 @@ def from_dict(cls: Type[T], config: Dict[str, Any], alg_name: str, source: str =
             except ValueError:
                 pass
     return cls(**config)
-
-
-class RestoreCallable(dict):
-    """``weights_copy`` for methods whose state is more than base weights (codebooks, key Gram matrices).
-
-    An empty dict that is also callable, like CoachHooK's handle: GitHub EasyEdit calls it to roll back;
-    PyPI EasyEdit iterates ``.items()`` after *every* edit, so ``.items()`` restores only when the caller
-    asked to keep the original weights (single-round). Restores at most once."""
-
-    def __init__(self, restore_fn: Callable[[], None], restore_on_items: bool):
-        super().__init__()
-        self._restore_fn, self._restore_on_items = restore_fn, restore_on_items
-        self.restored = False
-
-    def __call__(self):
-        if not self.restored:
-            self.restored = True
-            with torch.no_grad():
-                self._restore_fn()
-
-    def items(self):
-        if self._restore_on_items:
-            self()
-        return super().items()
 
 
 def module_parameters(model: torch.nn.Module, module_tmp: str, layers: Iterable[int]) -> Dict[str, torch.nn.Parameter]:

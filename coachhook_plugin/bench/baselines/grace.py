@@ -18,11 +18,13 @@ The plugin's own implementation, used where the installed EasyEdit has no GRACE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import functools
 
 import torch
 
-from ._common import RestoreCallable, load_hparams, model_device, target_batch, target_nll
+from ._common import load_hparams, model_device, target_batch, target_nll
 
 ALG_NAME = "GRACE"
 STATE_ATTR = "_grace_codebook"
@@ -138,7 +140,7 @@ def _ensure_codebook(model, hparams: GRACEHyperParams) -> GraceCodebook:
     book = get_codebook(model)
     if book is not None and book.module_name != hparams.module_name:
         raise ValueError(f"this model already has a GRACE codebook at {book.module_name}; call "
-                         f"coachhook_plugin.baselines.grace.remove_grace(model) before editing {hparams.module_name}")
+                         f"coachhook_plugin.bench.baselines.grace.remove_grace(model) before editing {hparams.module_name}")
     if book is None:
         book = GraceCodebook(model, hparams.module_name)
         object.__setattr__(model, STATE_ATTR, book)  # a plain attribute: not a submodule, not in state_dict
@@ -218,7 +220,7 @@ def grace_edit(model, tok, request: Dict, hparams: GRACEHyperParams) -> str:
 
 def apply_grace_to_model(model, tok, requests: List[Dict], hparams: GRACEHyperParams, copy: bool = False,
                          return_orig_weights: bool = False, keep_original_weight: bool = False,
-                         **kwargs) -> Tuple[torch.nn.Module, RestoreCallable]:
+                         **kwargs) -> Tuple[torch.nn.Module, Callable[[], None]]:
     """EasyEdit's apply contract: the requests are written one after another (GRACE edits singly).
     Consecutive calls grow one codebook; ``keep_original_weight`` starts from an empty one and the returned
     handle empties it again (single-round). The base weights never change."""
@@ -236,4 +238,4 @@ def apply_grace_to_model(model, tok, requests: List[Dict], hparams: GRACEHyperPa
         book.restore(before)
         raise
     book.last_actions = actions
-    return model, RestoreCallable(lambda: book.restore(restore_point), restore_on_items=keep_original_weight)
+    return model, torch.no_grad()(functools.partial(book.restore, restore_point))  # served by the registry's RestoreHandle

@@ -9,11 +9,13 @@ L∞ ``norm_constraint`` around the original weights and the early stop at loss 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import functools
 
 import torch
 
-from ._common import (RestoreCallable, clone_parameters, load_hparams, model_device, module_parameters, put_back,
+from ._common import (clone_parameters, load_hparams, model_device, module_parameters, put_back,
                       target_batch, target_nll)
 
 ALG_NAME = "FT-M"
@@ -93,7 +95,7 @@ def execute_ft_m(model, tok, requests: List[Dict], hparams: FTMHyperParams) -> D
 
 def apply_ft_m_to_model(model, tok, requests: List[Dict], hparams: FTMHyperParams, copy: bool = False,
                         return_orig_weights: bool = False, keep_original_weight: bool = False,
-                        **kwargs) -> Tuple[torch.nn.Module, RestoreCallable]:
+                        **kwargs) -> Tuple[torch.nn.Module, Callable[[], None]]:
     """EasyEdit's apply contract. The returned handle puts the original weights back when EasyEdit rolls the
     edit back: PyPI EasyEdit through ``.items()`` only with ``keep_original_weight`` (as its own FT), GitHub
     EasyEdit by calling it (``CALLABLE_RESTORE_ALGS``) when ``sequential_edit`` is off. A dict of originals
@@ -103,4 +105,4 @@ def apply_ft_m_to_model(model, tok, requests: List[Dict], hparams: FTMHyperParam
 
         model = copy_module.deepcopy(model)
     originals = execute_ft_m(model, tok, requests, hparams)
-    return model, RestoreCallable(lambda: put_back(model, originals), restore_on_items=keep_original_weight)
+    return model, functools.partial(put_back, model, originals)  # the registry's RestoreHandle serves it to EasyEdit

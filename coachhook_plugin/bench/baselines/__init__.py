@@ -6,7 +6,9 @@
 * ``CoachHooK-noHK``  — :mod:`.coachhook_no_hooks`: the paper's ablation, CoachHooK's update in the weights.
 
 :func:`register_baselines` puts them in EasyEdit's tables through the registry's ``register_method``;
-EasyEdit's own GRACE / AlphaEdit win where they exist (``prefer_easyedit=True``).
+EasyEdit's own GRACE / AlphaEdit win where they exist (``prefer_easyedit=True``). They are the benchmark's:
+``import coachhook_plugin`` registers CoachHooK only; the bench (and whoever else wants them) calls
+:func:`register_baselines` explicitly.
 """
 from __future__ import annotations
 
@@ -32,14 +34,9 @@ def _specs():
 
 def easyedit_has(name: str) -> bool:
     """Whether the installed EasyEdit itself dispatches ``name`` (not counting what the plugin registered)."""
-    from coachhook_plugin.easyedit import compat, registry
+    from coachhook_plugin.easyedit.registry import easyedit_dispatches
 
-    compat.import_easyeditor()
-    for table in registry._alg_dicts():
-        fn = table.get(name)
-        if fn is not None and getattr(fn, "__coachhook_method__", None) != name:
-            return True
-    return False
+    return easyedit_dispatches(name)
 
 
 def register_baselines(prefer_easyedit: bool = True) -> Dict[str, bool]:

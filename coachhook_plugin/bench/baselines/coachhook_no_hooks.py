@@ -9,11 +9,11 @@ away is the hook layer with its gate: every token now sees the edited weight. Th
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from ._common import RestoreCallable, clone_parameters, put_back
+from ._common import clone_parameters, put_back
 
 ALG_NAME = "CoachHooK-noHK"
 
@@ -97,7 +97,7 @@ def fold_deltas_into_weights(model) -> Dict[int, float]:
 
 def apply_coachhook_no_hooks_to_model(model, tok, requests: List[Dict], hparams, copy: bool = False,
                                       return_orig_weights: bool = False, keep_original_weight: bool = False,
-                                      **kwargs) -> Tuple[torch.nn.Module, RestoreCallable]:
+                                      **kwargs) -> Tuple[torch.nn.Module, Callable[[], None]]:
     """EasyEdit's apply contract; the returned handle restores weights and hook state (single-round)."""
     _, method = _coachhook()
     if copy:
@@ -111,6 +111,7 @@ def apply_coachhook_no_hooks_to_model(model, tok, requests: List[Dict], hparams,
                                                     keep_original_weight=keep_original_weight, **kwargs)
     method.get_state(model).last_folded = fold_deltas_into_weights(model)
 
+    @torch.no_grad()
     def restore():
         put_back(model, saved_weights)
         if saved_state is not None:
@@ -118,4 +119,4 @@ def apply_coachhook_no_hooks_to_model(model, tok, requests: List[Dict], hparams,
         else:
             method.remove_coachhook(model)
 
-    return model, RestoreCallable(restore, restore_on_items=keep_original_weight)
+    return model, restore  # a plain callable: the registry's RestoreHandle serves it to either EasyEdit
