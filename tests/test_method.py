@@ -176,8 +176,11 @@ def test_restore_callable_reverts_the_batch_exactly(gpt2_tok):
     snap = state.snapshot()
     logits = _logits(model, gpt2_tok)
     _, restore = apply_coachhook_to_model(model, gpt2_tok, FACTS[2:], hp, **NOPROG)
-    assert dict(restore) == {}  # PyPI EasyEdit iterates it: no base weight to put back
-    restore()  # GitHub EasyEdit calls it
+    from coachhook_plugin.easyedit.registry import as_weights_copy
+
+    weights_copy = as_weights_copy(restore, callable_restore=True)  # what EasyEdit gets, through the registry
+    assert dict(weights_copy) == {}  # PyPI EasyEdit iterates it: no base weight to put back
+    weights_copy()  # GitHub EasyEdit calls it
     after = state.snapshot()
     assert same_state(after, snap)
     assert torch.equal(_logits(model, gpt2_tok), logits)
