@@ -1,6 +1,6 @@
 """CoachHooK: consecutive batch model editing with hook layers (Li et al., 2024), as an EasyEdit plugin.
 
-    import coachhook_plugin            # registers "CoachHooK" with EasyEdit when easyeditor is importable
+    import coachhook_plugin            # "CoachHooK" is registered with EasyEdit when easyeditor is imported
     from coachhook_plugin import CoachHooKHyperParams, apply_coachhook_to_model
 """
 from ._version import __version__  # a leaf module: the state files (persistence) read it too
@@ -24,9 +24,17 @@ def register() -> bool:
     return _register()
 
 
-try:
-    register()
-except Exception as _e:  # registration must never make `import coachhook_plugin` fail, nor fail silently
-    from .easyedit.registry import warn_registration_failed
+def _register_when_easyeditor_is_imported() -> None:
+    try:
+        register()
+    except Exception as exc:  # registration must never break `import easyeditor`, nor fail silently
+        from .easyedit.registry import warn_registration_failed
 
-    warn_registration_failed(_e, what="registering CoachHooK")
+        warn_registration_failed(exc, what="registering CoachHooK")
+
+
+# Lazily: importing EasyEdit takes seconds, so `import coachhook_plugin` (and `coachhook --help`) does not; the
+# registration runs the moment easyeditor is imported (now, if it already is), before any BaseEditor can exist.
+from .easyedit.import_hook import when_easyeditor_imported  # noqa: E402
+
+when_easyeditor_imported(_register_when_easyeditor_is_imported)

@@ -150,7 +150,7 @@ def run_demo(num_edits: int = 30, model: str = "smollm2-135m", device: str = "au
              corpus: Optional[str] = None, n_samples: Optional[int] = None, memit: bool = True) -> Dict:
     t_start = time.time()
     timings: Dict[str, float] = {}
-    import coachhook_plugin  # registers CoachHooK with EasyEdit (before easyeditor is imported)
+    import coachhook_plugin  # CoachHooK is registered with EasyEdit when easyeditor is imported
     from .easyedit.editor import make_editor
     from .easyedit.logs import set_log_dir
     from .easyedit.patches import editing_context, memit_context_templates

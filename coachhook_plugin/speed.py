@@ -90,7 +90,7 @@ def run_bench_speed(model_name: str = "smollm2-135m", hparams: str = None, memit
     import json
     from pathlib import Path
 
-    import coachhook_plugin  # noqa: F401  registers CoachHooK with EasyEdit before easyeditor is imported
+    import coachhook_plugin  # noqa: F401  CoachHooK is registered with EasyEdit when easyeditor is imported
     from .demo import _ensure_statistics, _load_hparams, builtin_edits, default_hparams_path, DEFAULT_CORPUS
     from .models import load_model_and_tokenizer
     from .profiling import bench_speed

@@ -24,7 +24,7 @@ SHARED = Path(os.environ.get("COACHHOOK_SHARED", REPO.parent / "shared"))
 
 
 def load_hparams(path):
-    import coachhook_plugin  # registers CoachHooK
+    import coachhook_plugin  # CoachHooK is registered when easyeditor is imported
     from coachhook_plugin.easyedit import import_easyeditor
 
     alg = yaml.safe_load(Path(path).read_text())["alg_name"]

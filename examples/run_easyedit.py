@@ -41,10 +41,10 @@ def hparams_class(editing_method: str):
     naming rule (what EasyEdit's scripts spell out in their if/elif chain)."""
     from coachhook_plugin.easyedit import import_easyeditor, registry
 
+    ee = import_easyeditor()  # first: the plugin registers its methods when EasyEdit is imported
     cls = registry.hparams_class(editing_method)
     if cls is not None:
         return cls
-    ee = import_easyeditor()
     for name in (f"{editing_method}HyperParams", f"{editing_method.capitalize()}HyperParams",
                  f"{editing_method}Hparams"):
         if hasattr(ee, name):
@@ -66,7 +66,7 @@ def _mean(values):
 
 
 def run(editing_method, hparams_dir, data_dir, ds_size=10, sequential_edit=False, corpus=None, metrics_save_dir=None):
-    import coachhook_plugin  # registers CoachHooK (and the plugin's fixes) before EasyEdit is used
+    import coachhook_plugin  # CoachHooK (and the plugin's fixes) registered when EasyEdit is imported
     from coachhook_plugin.easyedit import to_builtin
     from coachhook_plugin.edit_requests import load_requests
     from easyeditor import BaseEditor

@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.easyedit  # also run against GitHub EasyEdit by `make test-github`
+
 from coachhook_plugin.easyedit import registry
 
 
@@ -69,6 +71,7 @@ def test_the_core_returns_a_plain_restore_callable(gpt2_tok):
 def test_import_registers_coachhook_only_and_the_bench_its_baselines(ee):
     script = textwrap.dedent("""
         import coachhook_plugin
+        import easyeditor  # registration is lazy: when EasyEdit is imported
         from coachhook_plugin.easyedit import registry
         print(sorted(registry.registered_methods()))
         from coachhook_plugin.bench.baselines import register_baselines

@@ -188,9 +188,8 @@ def import_easyeditor():
     stood in for.
     """
     with _IMPORT_LOCK:
-        mod = sys.modules.get("easyeditor")
-        if mod is not None and hasattr(mod, "BaseEditor"):
-            return mod
+        if easyeditor_is_imported():
+            return sys.modules["easyeditor"]
         guard = _EasyEditImportGuard()
         sys.meta_path.insert(0, guard)
         ok = False
@@ -206,6 +205,12 @@ def import_easyeditor():
         if STOOD_IN:
             LOG.debug("easyeditor imported; stood in for %s", ", ".join(sorted(STOOD_IN)))
         return module
+
+
+def easyeditor_is_imported() -> bool:
+    """Whether ``easyeditor`` is imported completely (not merely being imported)."""
+    module = sys.modules.get("easyeditor")
+    return module is not None and hasattr(module, "BaseEditor")
 
 
 _import_failure: Dict[str, BaseException] = {}  # the last failed `import easyeditor`, for registration warnings
