@@ -198,15 +198,19 @@ def _load_error(name, path, exc: BaseException) -> ModelLoadError:
                           f"'{DEFAULT_MODEL}' or a path to a checkpoint")
 
 
-def load_model_and_tokenizer(name: str = DEFAULT_MODEL, dtype=torch.float32, device=None):
-    """(model, tokenizer) for an alias, hub id or local path; AutoTokenizer always (LlamaTokenizer mis-tokenises
-    SmolLM2), pad token = eos when missing, model in eval mode with `_name_or_path` set to `name`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(name: str = DEFAULT_MODEL, dtype=torch.float32, device=None, **model_kwargs):
+    """(model, tokenizer) for an alias, hub id or local path, the package's one loader: Auto classes always
+    (EasyEdit picks classes by substrings of the name, and LlamaTokenizer mis-tokenises SmolLM2), a seq2seq class
+    for encoder-decoder configs, pad token = eos when missing, model in eval mode with `_name_or_path` set to
+    `name`. `model_kwargs` go to `from_pretrained` (e.g. device_map)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        config = AutoConfig.from_pretrained(path)
+        cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = cls.from_pretrained(path, dtype=dtype, **model_kwargs)
     except Exception as exc:  # OSError, SafetensorError, ValueError, ...: all mean "cannot load this"
         raise _load_error(name, path, exc) from exc
     if tok.pad_token is None:

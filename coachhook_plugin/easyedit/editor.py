@@ -25,29 +25,14 @@ _EASYEDIT_LOADED_FAMILIES = ("chatglm", "internlm", "baichuan", "gpt-3.5", "qwen
 
 
 def load_model_and_tokenizer(name_or_path: str, hparams: Any = None, **model_kwargs):
-    """Load any HF id or local path with the Auto classes (EasyEdit picks classes by substrings of the
-    name and uses ``LlamaTokenizer``, which mis-tokenizes e.g. SmolLM2). Sets ``pad = eos`` when the
-    tokenizer has no pad token (as EasyEdit does)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    """The package's loader (`models.load_model_and_tokenizer`) with what an EasyEdit hparams file asks for:
+    `model_parallel` → device_map "auto", `fp16` → float16."""
+    from ..models import load_model_and_tokenizer as load
 
-    from ..models import MODEL_ALIASES, resolve_model_path
-
-    alias = name_or_path if isinstance(name_or_path, str) and name_or_path.lower() in MODEL_ALIASES else None
-    name_or_path = resolve_model_path(name_or_path)  # 'smollm2-135m' → the cached local checkpoint
-    config = AutoConfig.from_pretrained(name_or_path)
-    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    if hparams is not None:
-        if getattr(hparams, "model_parallel", False):
-            model_kwargs.setdefault("device_map", "auto")
-        if getattr(hparams, "fp16", False):
-            model_kwargs.setdefault("dtype", torch.float16)
-    model = cls.from_pretrained(name_or_path, **model_kwargs)
-    tok = AutoTokenizer.from_pretrained(name_or_path)
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
-        tok.pad_token_id = tok.eos_token_id
-    if alias is not None:  # statistics files are found under the alias, as for a hub id
-        model.config._name_or_path = alias
-    return model.eval(), tok
+    dtype = torch.float16 if getattr(hparams, "fp16", False) else model_kwargs.pop("dtype", torch.float32)
+    if getattr(hparams, "model_parallel", False):
+        model_kwargs.setdefault("device_map", "auto")
+    return load(name_or_path, dtype=dtype, **model_kwargs)
 
 
 def model_display_name(model) -> str:
