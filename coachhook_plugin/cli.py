@@ -59,7 +59,7 @@ def _demo(args) -> int:
 
 
 def _edit(args) -> int:
-    from .persistence import edit_run
+    from .runs import edit_run
     from .stats import StatsError
 
     try:

@@ -100,7 +100,8 @@ def synthesize_edits(model, hparams, n_edits: int, batch_size: int = 10, tok=Non
                      scale: float = 1e-3):
     """Attach CoachHooK to `model` (if needed) and add `n_edits` random edits per layer through the real update
     path; then calibrate the gate (needs `tok`) and set α = α_z. Returns the CoachHooKState."""
-    from .method import calibrate_gate, ensure_state
+    from .method import ensure_state
+    from .scope import calibrate_gate
 
     state = ensure_state(model, hparams)
     g = torch.Generator().manual_seed(seed)

@@ -335,7 +335,7 @@ def test_padding_of_the_alpha_pass_never_sets_alpha(recomputed_run, gpt2_tok, mo
 def test_a_run_checkpointed_before_the_option_resumes(gpt2_tok, tmp_path, monkeypatch):
     """`coachhook edit --resume` compares the hparams with the interrupted run's: fields that run's version did not
     have yet count as their defaults, so adding alpha_rule does not refuse every older run."""
-    from coachhook_plugin.persistence import STATE_FILE, edit_run
+    from coachhook_plugin.runs import STATE_FILE, edit_run
 
     records = [dict(case_id=i, prompt=f["prompt"], subject=f["subject"], target_new=f["target_new"])
                for i, f in enumerate(FACTS)]

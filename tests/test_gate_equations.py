@@ -12,7 +12,7 @@ from coachhook_plugin.edit_requests import prepare_requests
 from coachhook_plugin.gate import (CALIBRATED, PAPER, TEMPORARY, VALIDATED, add_swapped, alpha_candidate, alpha_next,
                                    deviation_norms, gathers_swapped_rows, swapped_tokens)
 from coachhook_plugin.hook import HookLayer
-from coachhook_plugin.method import calibrate_gate, compute_alpha_candidates
+from coachhook_plugin.scope import calibrate_gate, compute_alpha_candidates
 from conftest import FACTS, build_tiny, tiny_hparams
 
 

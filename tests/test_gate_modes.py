@@ -8,7 +8,7 @@ import torch
 from coachhook_plugin import HyperParamsError, apply_coachhook_to_model, get_state
 from coachhook_plugin.edit_requests import pad_right, prepare_requests
 from coachhook_plugin.hook import CALIBRATED, PAPER
-from coachhook_plugin.method import calibrate_gate, calibration_prompts, compute_alpha_candidates
+from coachhook_plugin.scope import calibrate_gate, calibration_prompts, compute_alpha_candidates
 from conftest import FACTS, build_tiny, same_state, tiny_hparams
 
 NOPROG = dict(progress=None)
