@@ -51,7 +51,7 @@ class HookLayer(torch.nn.Module):
         self.mask_source = None  # callable returning the (B, T_total) attention mask of the running forward
         # Set only inside the context managers below (`recording_max_z`, `calibrating`); tests also set them.
         self.observed_max_z: Optional[List[torch.Tensor]] = None  # a list: record per-sequence max z
-        self.recorder: Optional[List[Dict[str, torch.Tensor]]] = None  # a list: record z and swaps per call
+        self._decisions: Optional[List[Dict[str, torch.Tensor]]] = None  # recording_decisions()
         self.calibration_mask = None  # (B, T) bool, or True for no padding: this pass measures μ, σ of M
         self.alpha_margin: Optional[float] = None  # a number: this pass sets α from its own z (`recomputing_alpha`)
         self.recomputed_max_z: Optional[List[torch.Tensor]] = None  # what that pass saw, per sequence
@@ -269,6 +269,16 @@ class HookLayer(torch.nn.Module):
             self.gate, self.mode = saved
 
     @contextmanager
+    def recording_decisions(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
+        """Within: every gated forward call appends what the gate saw and decided, {"m": ‖Δk‖, "z", "swap"} (CPU
+        tensors shaped like the call's tokens), to the yielded list: for analysing an edited model's scope."""
+        self._decisions = []
+        try:
+            yield self._decisions
+        finally:
+            self._decisions = None
+
+    @contextmanager
     def recording_max_z(self) -> Iterator[List[torch.Tensor]]:
         """Within: every forward call appends each sequence's max z (under the active gate) to the yielded list."""
         self.observed_max_z = []
@@ -374,8 +384,8 @@ class HookLayer(torch.nn.Module):
             if math.isfinite(alpha):
                 self.alpha = alpha
         swap = swapped_tokens(z, self.alpha)
-        if self.recorder is not None:
-            self.recorder.append({"z": z.detach().cpu(), "swap": swap.detach().cpu(), "m": m.detach().cpu()})
+        if self._decisions is not None:
+            self._decisions.append({"z": z.detach().cpu(), "swap": swap.detach().cpu(), "m": m.detach().cpu()})
         out2 = add_swapped(out2, y, u, swap.reshape(-1), gather=gathers_swapped_rows(y.device.type))
         return out2.reshape(output.shape)
 

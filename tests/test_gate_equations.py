@@ -84,14 +84,13 @@ def test_forward_hook_gives_the_same_output_with_the_masked_branch_forced_on_cpu
     x = 0.05 * torch.randn(3, 9, 12)
     x[0, 4] = 3.0  # outlier keys: large ‖Δk‖, so some tokens swap and some do not
     x[2, 7] = -2.5
-    hook.recorder = []
-    with torch.no_grad():
+    with torch.no_grad(), hook.recording_decisions() as seen:
         gathered = lin(x)
         monkeypatch.setattr(hook_mod, "gathers_swapped_rows", lambda device_type: False)
         masked = lin(x)
         plain = torch.nn.functional.linear(x, lin.weight, lin.bias)
-    swap = hook.recorder[0]["swap"]
-    assert torch.equal(hook.recorder[1]["swap"], swap) and swap.any() and not swap.all()
+    swap = seen[0]["swap"]
+    assert torch.equal(seen[1]["swap"], swap) and swap.any() and not swap.all()
     assert torch.allclose(gathered, masked, atol=1e-6)
     assert torch.equal(gathered[~swap], plain[~swap])
     assert not torch.allclose(gathered[swap], plain[swap])

@@ -1,5 +1,6 @@
 """The calibrated gate: per-token z against reference statistics, so it fires in KV-cached generation exactly
 where it fires on the full sequence, and does not care about padding or batch composition."""
+import contextlib
 import math
 
 import pytest
@@ -26,24 +27,17 @@ def edited(gpt2_tok):
     return model, hp, infos
 
 
-def _record(state):
-    for h in state.layers.values():
-        h.recorder = []
-
-
-def _collect(state):
-    out = {l: h.recorder for l, h in state.layers.items()}
-    for h in state.layers.values():
-        h.recorder = None
-    return out
+@contextlib.contextmanager
+def _recording(state):
+    """{layer: the list of that layer's gate decisions} while within."""
+    with contextlib.ExitStack() as stack:
+        yield {l: stack.enter_context(h.recording_decisions()) for l, h in state.layers.items()}
 
 
 def _mid_alpha(model, state, ids):
     """Set each layer's α between the smallest and the largest z on `ids`: some tokens swap, some do not."""
-    _record(state)
-    with torch.no_grad():
+    with _recording(state) as rec, torch.no_grad():
         model(input_ids=ids)
-    rec = _collect(state)
     for l, h in state.layers.items():  # α in the widest gap of the middle half: no token sits on the threshold
         z = rec[l][0]["z"].reshape(-1).sort().values
         n = z.numel()
@@ -62,14 +56,11 @@ def test_cached_generation_gates_exactly_like_the_full_sequence(edited, gpt2_tok
     saved = {l: dict(h.alphas) for l, h in state.layers.items()}
     try:
         _mid_alpha(model, state, full_ids)
-        _record(state)
-        with torch.no_grad():
+        with _recording(state) as full, torch.no_grad():
             full_logits = model(input_ids=full_ids).logits[0]
-        full = _collect(state)
         # the same tokens through the KV cache: the prompt, then one token per call
-        _record(state)
         p = prompt.shape[1]
-        with torch.no_grad():
+        with _recording(state) as cached, torch.no_grad():
             out = model(input_ids=full_ids[:, :p], use_cache=True)
             cached_logits = [out.logits[0]]
             past = out.past_key_values
@@ -77,7 +68,6 @@ def test_cached_generation_gates_exactly_like_the_full_sequence(edited, gpt2_tok
                 out = model(input_ids=full_ids[:, t:t + 1], past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 cached_logits.append(out.logits[0])
-        cached = _collect(state)
     finally:
         for l, h in state.layers.items():
             h.alphas = saved[l]
@@ -102,11 +92,9 @@ def test_paper_gate_never_fires_on_one_token_calls(edited, gpt2_tok):
     state.set_gate(PAPER)
     try:
         ids = gpt2_tok(FACTS[1]["prompt"], return_tensors="pt")["input_ids"]
-        _record(state)
-        with torch.no_grad():
+        with _recording(state) as rec, torch.no_grad():
             out = model(input_ids=ids[:, :-1], use_cache=True)
             model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-        rec = _collect(state)
     finally:
         state.set_gate(CALIBRATED)
     for l in hp.layers:
@@ -130,12 +118,10 @@ def test_calibrated_gate_ignores_padding_and_batch_composition(edited, gpt2_tok,
         _mid_alpha(model, state, torch.tensor([short]))
         for ignore in (True, False):  # the calibrated gate needs no mask at all
             state.hparams.gate_ignore_padding = ignore
-            _record(state)
-            with torch.no_grad():
+            with _recording(state) as rec, torch.no_grad():
                 model(input_ids=torch.tensor([short]))
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens keep positions 0..n-1
                 model(input_ids=ids, attention_mask=mask, position_ids=pos)
-            rec = _collect(state)
             for l in hp.layers:
                 alone, batched = rec[l][0], rec[l][1]
                 assert torch.equal(alone["swap"][0], batched["swap"][0, real])

@@ -276,15 +276,13 @@ def test_gate_ignores_right_padding(gpt2_tok):
     ids[1] = torch.tensor(long)
     mask = (torch.arange(len(long))[None] < torch.tensor([[len(short)], [len(long)]])).long()
     first = state.layers[min(state.layers)]  # its inputs do not depend on any other hook's decisions
-    first.recorder = []
-    with torch.no_grad():
+    with torch.no_grad(), first.recording_decisions() as seen:
         alone = model(input_ids=torch.tensor([short])).logits[0]
         padded = model(input_ids=ids, attention_mask=mask).logits[0, :len(short)]
         hp.gate_ignore_padding = False  # the reference behaviour: pads enter mean and std
         state.hparams.gate_ignore_padding = False
         model(input_ids=ids, attention_mask=mask)
-    z_alone, z_padded, z_polluted = (r["z"][0, :len(short)] for r in first.recorder)
-    first.recorder = None
+    z_alone, z_padded, z_polluted = (r["z"][0, :len(short)] for r in seen)
     assert torch.allclose(alone, padded, atol=1e-5)
     assert torch.allclose(z_alone, z_padded, atol=1e-4)
     assert not torch.allclose(z_alone, z_polluted, atol=1e-2)  # pads moved the short prompt's z-scores

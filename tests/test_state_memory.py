@@ -65,20 +65,19 @@ def test_low_rank_then_dense_equals_dense_accumulation_and_gates_identically():
             for gate in (PAPER, CALIBRATED):
                 h.mode = ref.mode = mode
                 h.gate = ref.gate = gate
-                h.recorder, ref.recorder = [], []
                 h.handle = None
                 h.attach(lin)
-                with torch.no_grad():
+                with torch.no_grad(), h.recording_decisions() as seen_h:
                     a = lin(x)
                 h.detach()
                 ref.attach(lin)
-                with torch.no_grad():
+                with torch.no_grad(), ref.recording_decisions() as seen_ref:
                     b = lin(x)
                 ref.detach()
                 assert torch.allclose(a, b, atol=1e-5)
                 if mode == VALIDATED:
-                    assert torch.equal(h.recorder[0]["swap"], ref.recorder[0]["swap"])
-                    assert h.recorder[0]["swap"].any() and not h.recorder[0]["swap"].all()
+                    assert torch.equal(seen_h[0]["swap"], seen_ref[0]["swap"])
+                    assert seen_h[0]["swap"].any() and not seen_h[0]["swap"].all()
     assert seen_low and seen_dense
     assert h.num_keys == 16 and "keys" in h.state_tensors()  # 16 < d_in keys: still stored as keys
 
