@@ -99,3 +99,37 @@ def same_state(a: dict, b: dict) -> bool:
         if ea != eb or ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k]) for k in ta):
             return False
     return True
+
+
+# `coachhook edit` in a subprocess, through the console entry point. It needs no EasyEdit, so the subprocess blocks
+# importing it (seconds) to start faster.
+EDIT_LAUNCH = ("import sys; sys.modules['easyeditor'] = None; from coachhook_plugin.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+
+
+def start_edit_killed_at_first_checkpoint(args, out_dir, cwd):
+    """Start `coachhook edit ARGS` in a subprocess and SIGKILL it as soon as it reports checkpoint 1 (mid-way
+    through batch 2). Returns (process, watcher thread, seen): `seen["progress"]` is progress.json as it was at
+    the kill. The subprocess uses this process's thread count, so it computes bit for bit what an in-process run
+    does."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-c", EDIT_LAUNCH, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = {}
+
+    def kill_after_first_checkpoint():
+        for line in proc.stdout:
+            if line.startswith("checkpoint 1/"):
+                os.kill(proc.pid, signal.SIGKILL)
+                seen["progress"] = json.loads((Path(out_dir) / "progress.json").read_text())
+                break
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    return proc, watcher, seen

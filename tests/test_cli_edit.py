@@ -1,19 +1,14 @@
 """`coachhook edit`: consecutive batches from a data file, atomic checkpoints, SIGKILL and --resume."""
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 
 import pytest
-import torch
 import yaml
 
 from coachhook_plugin import cli
 from coachhook_plugin.edit_requests import load_requests
 from coachhook_plugin.persistence import read_coachhook
-from conftest import build_tiny, same_state, shared_path, tiny_hparams
+from conftest import build_tiny, same_state, shared_path, start_edit_killed_at_first_checkpoint, tiny_hparams
 
 NAMES = ["Zorbia", "Kelvar", "Ostrel", "Quenby", "Marlo Vance", "Tessaly", "Brindle", "Corvath", "Ulmsey",
          "Pemberly Shaw", "Drask", "Yolanda Fitch"]
@@ -45,34 +40,11 @@ def _args(root, out, *extra):
             *extra]
 
 
-def _env():
-    # the same thread count as this process, so the subprocess computes bit for bit what an in-process run does
-    return dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
-
-
-# The killed run: the CLI in a subprocess. `coachhook edit` needs no EasyEdit, so the subprocess skips its
-# import (registration then does nothing) to start faster; everything else is the real console entry point.
-LAUNCH = ("import sys; sys.modules['easyeditor'] = None; from coachhook_plugin.cli import main; "
-          "sys.exit(main(sys.argv[1:]))")
-
-
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(run_setup, capsys):
     root = run_setup
     total = len(NAMES) // 2
     out = root / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *_args(root, out)], cwd=root, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    killed = {}
-
-    def kill_after_first_checkpoint():  # SIGKILL as soon as checkpoint 1 is reported: mid-way through batch 2
-        for line in proc.stdout:
-            if line.startswith("checkpoint 1/"):
-                os.kill(proc.pid, signal.SIGKILL)
-                killed["progress"] = json.loads((out / "progress.json").read_text())
-                break
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    watcher.start()
+    proc, watcher, killed = start_edit_killed_at_first_checkpoint(_args(root, out), out, cwd=root)
     try:
         assert cli.main(_args(root, root / "full")) == 0  # meanwhile, the reference: one uninterrupted run
         watcher.join(timeout=240)

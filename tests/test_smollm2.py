@@ -7,18 +7,15 @@ they are, except for that statistics budget (the shipped 1,000 paragraphs take m
 import importlib.util
 import inspect
 import json
-import os
 import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import same_state, shared_path
+from conftest import same_state, shared_path, start_edit_killed_at_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 N_SAMPLES = 24  # statistics budget of these tests (paragraphs)
@@ -171,17 +168,6 @@ def test_save_load_undo_remove_on_smollm2(smollm2, workdir, tmp_path):
     assert torch.equal(_logits(model, tok, texts), base)
 
 
-# The killed run: the console entry point in a subprocess. `coachhook edit` needs no EasyEdit, so the subprocess
-# skips importing it (10 s) to start faster.
-LAUNCH = ("import sys; sys.modules['easyeditor'] = None; from coachhook_plugin.cli import main; "
-          "sys.exit(main(sys.argv[1:]))")
-
-
-def _launch_env():
-    # the same thread count as this process: the subprocess then computes bit for bit what an in-process run does
-    return dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1")
-
-
 def test_coachhook_edit_sigkill_then_resume_equals_an_uninterrupted_run(workdir, tmp_path):
     """The README's `coachhook edit` command on CounterFact, killed mid-run and resumed."""
     from coachhook_plugin import cli
@@ -197,19 +183,7 @@ def test_coachhook_edit_sigkill_then_resume_equals_an_uninterrupted_run(workdir,
     assert cli.main(args(tmp_path / "full")) == 0  # the reference: one uninterrupted run
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *args(killed)], cwd=tmp_path,
-                            env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = {}
-
-    def kill_after_first_checkpoint():
-        for line in proc.stdout:
-            if line.startswith("checkpoint 1/"):
-                os.kill(proc.pid, signal.SIGKILL)
-                seen["progress"] = json.loads((killed / "progress.json").read_text())
-                break
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    watcher.start()
+    proc, watcher, seen = start_edit_killed_at_first_checkpoint(args(killed), killed, cwd=tmp_path)
     try:
         watcher.join(timeout=300)
         proc.wait(timeout=60)
