@@ -10,7 +10,7 @@ import torch
 
 from coachhook_plugin import (HyperParamsError, PersistenceError, apply_coachhook_to_model, get_state,
                               load_coachhook, save_coachhook, undo_coachhook)
-from coachhook_plugin import method
+from coachhook_plugin import method, scope
 from coachhook_plugin.gate import (ALPHA_RULES, CALIBRATED, GATES, PAPER, alpha_next, alpha_prompt_sample,
                                    alpha_recomputed, sequence_max_z)
 from coachhook_plugin.hparams import ALPHA_RULES as HPARAMS_ALPHA_RULES
@@ -21,6 +21,9 @@ NOPROG = dict(progress=None)
 MORE = [dict(prompt="The favourite food of Ola Berg is", subject="Ola Berg", target_new="rice"),
         dict(prompt="The river Quenta flows into the", subject="Quenta", target_new="Atlantic")]
 BATCHES = [FACTS[:2], FACTS[2:], MORE]
+
+
+MARGIN = 0.05  # alpha_margin of the recomputed run
 
 
 def _hp(**over):
@@ -92,7 +95,9 @@ def test_default_is_eq19_and_never_runs_the_recomputed_pass(gpt2_tok, monkeypatc
 def recomputed_run(gpt2_tok):
     """Three consecutive batches under alpha_rule recomputed; α of both gates and a snapshot after each."""
     model = build_tiny("gpt2")
-    hp = _hp(alpha_rule="recomputed")
+    # a margin keeps the weakest prompt off the threshold: at margin 0 its swap is decided by float rounding, which
+    # the thread count changes, and the layers above then see other keys
+    hp = _hp(alpha_rule="recomputed", alpha_margin=MARGIN)
     history = []
     for b, batch in enumerate(BATCHES):
         apply_coachhook_to_model(model, gpt2_tok, batch, hp, **NOPROG)
@@ -109,7 +114,7 @@ def test_recomputed_alpha_is_the_min_over_every_stored_prompt(recomputed_run, gp
         for g in GATES:
             for l in hp.layers:
                 expected = min(h["hand"][g][l])
-                assert h["alphas"][l][g] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+                assert h["alphas"][l][g] == pytest.approx(expected - MARGIN, rel=1e-4, abs=1e-5)
                 assert h["info"]["by_gate"][g]["alpha_candidates"][l] == pytest.approx(expected, rel=1e-4, abs=1e-5)
     # not Eq. 19: the first batch does not keep α_z, and the calibrated α sits far above it on this model
     assert all(history[0]["alphas"][l][CALIBRATED] > 4.0 for l in hp.layers)
@@ -202,11 +207,12 @@ def test_recomputed_pass_leaves_the_hooks_as_they_were(recomputed_run, gpt2_tok)
     hooks = {l: len(model.get_submodule(h.module_name)._forward_hooks) for l, h in state.layers.items()}
     alphas = _alphas(state)
     try:
-        cands = method.recompute_alphas(model, gpt2_tok, state, _ids(gpt2_tok, BATCHES), PAPER, 0.0)
+        cands = method.recompute_alphas(model, gpt2_tok, state, _ids(gpt2_tok, BATCHES), PAPER, MARGIN)
         for l, h in state.layers.items():
             assert (h.gate, h.mode) == before[l] and h.alpha_margin is None and h.recomputed_max_z is None
             assert len(model.get_submodule(h.module_name)._forward_hooks) == hooks[l]  # the stop hook is gone
-            assert h.alphas[PAPER] == pytest.approx(cands[l]) and h.alphas[CALIBRATED] == alphas[l][CALIBRATED]
+            assert h.alphas[PAPER] == pytest.approx(cands[l] - MARGIN)
+            assert h.alphas[CALIBRATED] == alphas[l][CALIBRATED]
         assert state._mask is None
     finally:
         for l, h in state.layers.items():
@@ -320,11 +326,11 @@ def test_padding_of_the_alpha_pass_never_sets_alpha(recomputed_run, gpt2_tok, mo
     state = get_state(model)
     ids = _ids(gpt2_tok, BATCHES)
     subject_token = gpt2_tok(" Zorbia")["input_ids"][-1]
-    monkeypatch.setattr(method, "pad_id_of", lambda tok: subject_token)
+    monkeypatch.setattr(scope, "pad_id_of", lambda tok: subject_token)
     alphas = _alphas(state)
     try:
         for g in GATES:
-            cands = method.recompute_alphas(model, gpt2_tok, state, ids, g, 0.0)
+            cands = method.recompute_alphas(model, gpt2_tok, state, ids, g, MARGIN)
             for l in hp.layers:
                 assert cands[l] == pytest.approx(min(history[2]["hand"][g][l]), rel=1e-4, abs=1e-5)
     finally:
