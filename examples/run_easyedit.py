@@ -36,21 +36,18 @@ def ensure_statistics(editor, hp, corpus: Path) -> None:
     ensure_stats(editor.model, editor.tok, hp, read_corpus(corpus, max_texts=hp.mom2_n_samples))
 
 
-def hparams_class(editing_method: str):
-    """The hparams class of a method: the plugin's registry first (CoachHooK, ...), else EasyEdit's own by its
-    naming rule (what EasyEdit's scripts spell out in their if/elif chain)."""
+def load_hparams(editing_method: str, path):
+    """The method's hparams: the plugin registry's class (CoachHooK, ...), else the installed EasyEdit's class for
+    `editing_method` through the plugin's loader (the shipped yamls load with either EasyEdit's classes) — what
+    EasyEdit's scripts spell out in their if/elif chain."""
     from coachhook_plugin.easyedit import import_easyeditor, registry
+    from coachhook_plugin.easyedit.hparams_files import load_easyedit_hparams
 
-    ee = import_easyeditor()  # first: the plugin registers its methods when EasyEdit is imported
+    import_easyeditor()  # first: the plugin registers its methods when EasyEdit is imported
     cls = registry.hparams_class(editing_method)
     if cls is not None:
-        return cls
-    for name in (f"{editing_method}HyperParams", f"{editing_method.capitalize()}HyperParams",
-                 f"{editing_method}Hparams"):
-        if hasattr(ee, name):
-            return getattr(ee, name)
-    raise SystemExit(f"unknown --editing_method {editing_method!r}: no registered method and no easyeditor."
-                     f"{editing_method}HyperParams; import the plugin that provides it first")
+        return cls.from_hparams(str(path))
+    return load_easyedit_hparams(path, alg_name=editing_method)
 
 
 def _record(r):
@@ -66,13 +63,13 @@ def _mean(values):
 
 
 def run(editing_method, hparams_dir, data_dir, ds_size=10, sequential_edit=False, corpus=None, metrics_save_dir=None):
-    import coachhook_plugin  # CoachHooK (and the plugin's fixes) registered when EasyEdit is imported
+    import coachhook_plugin  # noqa: F401  (CoachHooK and the plugin's fixes registered when EasyEdit is imported)
     from coachhook_plugin.easyedit import to_builtin
     from coachhook_plugin.edit_requests import load_requests
     from easyeditor import BaseEditor
     from easyeditor.evaluate import compute_edit_quality
 
-    hp = hparams_class(editing_method).from_hparams(str(hparams_dir))
+    hp = load_hparams(editing_method, hparams_dir)
     records = load_requests(data_dir, ds_size)
     editor = BaseEditor.from_hparams(hp)
     ensure_statistics(editor, hp, Path(corpus or SHARED / "data" / "corpus" / "wikitext-2-raw-test.txt"))
