@@ -135,6 +135,16 @@ def alpha_prompt_sample(num_stored: int, num_new: int, cap: Optional[int], seed:
     return picked + list(range(older, num_stored))
 
 
+def near_edited_keys(keys: torch.Tensor, unit_keys: torch.Tensor, cosine: float) -> torch.Tensor:
+    """hparams `key_scope_cosine` (beyond the paper): whether each key (rows of `keys`, N × d_in) has cosine ≥
+    `cosine` with at least one edited key of the layer (the unit columns of `unit_keys`, d_in × n); (N,) bool.
+    No edited key: nothing is near."""
+    if unit_keys.shape[1] == 0:
+        return torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+    unit = keys / keys.norm(dim=1, keepdim=True).clamp_min(torch.finfo(keys.dtype).tiny)
+    return (unit @ unit_keys.to(keys.dtype)).max(dim=1).values >= cosine
+
+
 def gathers_swapped_rows(device_type: str) -> bool:
     """Which way `add_swapped` adds U y: gather the swapped rows (CPU: the host sync that finds them is free, and
     only they pay for U), or mask every row (accelerators: no data-dependent shapes, no device sync)."""

@@ -30,7 +30,7 @@ import torch
 
 from .gate import (CALIBRATED, DEFAULT_CALIBRATION_PROMPTS, GATES, PAPER, TEMPORARY, VALIDATED,  # noqa: F401
                    add_swapped, alpha_recomputed, calibrated_zscores, deviation_norms, gathers_swapped_rows,
-                   paper_zscores, reference_stats, sequence_max_z, swapped_tokens)
+                   near_edited_keys, paper_zscores, reference_stats, sequence_max_z, swapped_tokens)
 from .models import weight_out_in
 
 # relative size below which a new direction of a batch's residuals is taken as already spanned
@@ -40,7 +40,8 @@ _RANK_TOL = 1e-10
 class HookLayer(torch.nn.Module):
     """Hook state of one edited down-projection: Δ = W_h − W_0, accumulated keys, α per gate, gate statistics."""
 
-    def __init__(self, module_name: str, module: torch.nn.Module, alpha_z: float, gate: str = PAPER):
+    def __init__(self, module_name: str, module: torch.nn.Module, alpha_z: float, gate: str = PAPER,
+                 key_scope_cosine: Optional[float] = None):
         super().__init__()
         w0 = weight_out_in(module)
         self.module_name = module_name
@@ -56,6 +57,9 @@ class HookLayer(torch.nn.Module):
         self.alpha_margin: Optional[float] = None  # a number: this pass sets α from its own z (`recomputing_alpha`)
         self.recomputed_max_z: Optional[List[torch.Tensor]] = None  # what that pass saw, per sequence
         self.gate = gate
+        # beyond the paper (hparams key_scope_cosine): a token the gate swaps must also have a key with at least
+        # this cosine to one of the layer's edited keys (kept as unit columns); None: the gate alone decides
+        self.key_scope_cosine = None if key_scope_cosine is None else float(key_scope_cosine)
         self.clear()
 
     # ---------------------------------------------------------------- representation
@@ -76,6 +80,8 @@ class HookLayer(torch.nn.Module):
             out["keys"] = ((d_in, int(num_keys)), torch.float32)
         else:
             out["key_gram"] = ((d_in, d_in), torch.float32)
+        if self.key_scope_cosine is not None:  # the key scope needs every key itself, however many
+            out["unit_keys"] = ((d_in, int(num_keys)), torch.float32)
         return out
 
     def layout_nbytes(self, num_keys: int, rank: int) -> int:
@@ -99,6 +105,8 @@ class HookLayer(torch.nn.Module):
         self._dense = None
         self._keys = torch.zeros(lay["keys"][0], dtype=torch.float32, device=self.device)
         self._gram = None
+        self._unit_keys = (torch.zeros(lay["unit_keys"][0], dtype=torch.float32, device=self.device)
+                           if "unit_keys" in lay else None)
         self.alphas = {g: self.alpha_z for g in GATES}
         self.num_keys = 0
         self.mode = VALIDATED
@@ -148,6 +156,9 @@ class HookLayer(torch.nn.Module):
         """Σkkᵀ += K Kᵀ for a batch's keys K (d_in × n)."""
         k = keys.detach().to(self.device, torch.float32)
         n_new = self.num_keys + k.shape[1]
+        if self._unit_keys is not None:
+            unit = k / k.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            self._unit_keys = torch.cat([self._unit_keys, unit], dim=1)
         lay = self.layout(n_new, self.rank)
         if "keys" in lay:
             self._keys = torch.cat([self._keys, k], dim=1)
@@ -215,6 +226,8 @@ class HookLayer(torch.nn.Module):
             out["key_gram"] = self._gram
         else:
             out["keys"] = self._keys
+        if self._unit_keys is not None:
+            out["unit_keys"] = self._unit_keys
         return out
 
     def extra_state(self) -> Dict[str, Any]:
@@ -243,6 +256,12 @@ class HookLayer(torch.nn.Module):
             self._gram, self._keys = take("key_gram"), None
         else:
             self._gram, self._keys = None, take("keys")
+        if self.key_scope_cosine is not None:
+            if "unit_keys" not in tensors:
+                raise ValueError(f"{self.module_name}: this state was written without key_scope_cosine, so its edited "
+                                 f"keys were not kept; load it with key_scope_cosine: null (the hparams it was "
+                                 f"written with), or re-apply the edits with the key scope on")
+            self._unit_keys = take("unit_keys")
         self.num_keys, self.mode = int(extra["num_keys"]), extra["mode"]
         self.gate = extra.get("gate", self.gate)
         alphas = extra.get("alphas")
@@ -355,6 +374,8 @@ class HookLayer(torch.nn.Module):
                 self._keys = self._keys.to(device)
             if self._gram is not None:
                 self._gram = self._gram.to(device)
+            if self._unit_keys is not None:
+                self._unit_keys = self._unit_keys.to(device)
             self.device = device
         return self._u, self._v
 
@@ -384,10 +405,28 @@ class HookLayer(torch.nn.Module):
             if math.isfinite(alpha):
                 self.alpha = alpha
         swap = swapped_tokens(z, self.alpha)
+        if self.key_scope_cosine is not None:
+            swap = self._within_key_scope(k2, swap)
         if self._decisions is not None:
             self._decisions.append({"z": z.detach().cpu(), "swap": swap.detach().cpu(), "m": m.detach().cpu()})
         out2 = add_swapped(out2, y, u, swap.reshape(-1), gather=gathers_swapped_rows(y.device.type))
         return out2.reshape(output.shape)
+
+    def _within_key_scope(self, keys: torch.Tensor, swap: torch.Tensor) -> torch.Tensor:
+        """The gate's decision `swap` (B, T), narrowed to tokens whose key (rows of `keys`) is near an edited key
+        (`gate.near_edited_keys`); on the CPU only the swapped tokens are compared (as in `add_swapped`)."""
+        if self._unit_keys.device != keys.device:
+            self._unit_keys = self._unit_keys.to(keys.device)
+        flat = swap.reshape(-1)
+        if gathers_swapped_rows(keys.device.type):
+            idx = flat.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return swap
+            flat = flat.clone()
+            flat[idx] = near_edited_keys(keys.index_select(0, idx), self._unit_keys, self.key_scope_cosine)
+        else:
+            flat = flat & near_edited_keys(keys, self._unit_keys, self.key_scope_cosine)
+        return flat.reshape(swap.shape)
 
 
 def _orth(r: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,9 @@ class CoachHooKHyperParams:
     alpha_rule: str = "running_min"
     alpha_margin: float = 0.0  # recomputed only: fire this many z-units below the weakest stored edit prompt
     alpha_prompts_max: Optional[int] = 256  # recomputed only: prompts per α pass (newest half + seeded sample); null: all
+    # Beyond the paper (docs/method.md "The key scope"): a token the gate swaps must also have a key with at least
+    # this cosine to one of the layer's edited keys; null: the gate alone decides (the paper's scope)
+    key_scope_cosine: Optional[float] = None
     context_templates: Optional[List[str]] = None  # None: MEMIT's generated templates ("{}" + 5 × 10 tokens)
     context_template_seed: int = 0
     verbose: bool = False
@@ -183,6 +186,12 @@ class CoachHooKHyperParams:
                                                    or self.alpha_prompts_max < 1):
             fail("alpha_prompts_max", f"must be an integer >= 1 (edit prompts in each α pass of alpha_rule: "
                                       f"recomputed), or null for all of them, got {self.alpha_prompts_max!r}")
+        if self.key_scope_cosine is not None and (isinstance(self.key_scope_cosine, bool)
+                                                  or not isinstance(self.key_scope_cosine, numbers.Real)
+                                                  or not -1.0 < self.key_scope_cosine <= 1.0):
+            fail("key_scope_cosine", f"must be a cosine in (-1, 1] (e.g. 0.4: a swapped token's key must be at least "
+                                     f"that close to an edited key), or null for the gate alone, got "
+                                     f"{self.key_scope_cosine!r}")
         if self.alpha_rule == "recomputed" and not self.gate_ignore_padding:
             fail("alpha_rule", "'recomputed' runs the stored edit prompts in one padded batch and needs "
                                "gate_ignore_padding: true; set gate_ignore_padding: true, or alpha_rule: running_min")

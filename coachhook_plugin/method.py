@@ -53,7 +53,8 @@ class CoachHooKState:
         for name in names:  # check every module before attaching anything
             down_proj_shape(get_module(model, name))  # a clear TypeError for a non hook-able module
         for l, name in zip(hparams.layers, names):
-            hook = HookLayer(name, get_module(model, name), hparams.alpha_z, gate=hparams.gate)
+            hook = HookLayer(name, get_module(model, name), hparams.alpha_z, gate=hparams.gate,
+                             key_scope_cosine=hparams.key_scope_cosine)
             hook.mask_source = lambda: self._mask
             self.layers[l] = hook
         self._model_hooks = []

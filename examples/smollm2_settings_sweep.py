@@ -3,6 +3,7 @@
     python examples/smollm2_settings_sweep.py --layers 3,4,5,6,7 --templates memit --n 30
     python examples/smollm2_settings_sweep.py --layers 4,5,6,7,8 --templates none --steps 20 --lr 0.5
     python examples/smollm2_settings_sweep.py --n 300 --alpha-rule recomputed --alpha-margin 0.5 --checkpoints 100,200
+    python examples/smollm2_settings_sweep.py --n 300 --gate paper --key-scope-cosine 0.5 --checkpoints 100,200
 
 Settings are chosen on the train files only (issue 16): `--dataset counterfact` reads
 ../shared/data/counterfact/counterfact-train.json, `--dataset zsre` ../shared/data/zsre/zsre_mend_train-1k.json.
@@ -50,6 +51,9 @@ def main(argv=None):
     ap.add_argument("--alpha-margin", type=float, default=None, help="z-units below the weakest edit (recomputed)")
     ap.add_argument("--alpha-prompts-max", default=None,
                     help="edit prompts per recomputed α pass (an integer, or 'all')")
+    ap.add_argument("--key-scope-cosine", type=float, default=None,
+                    help="key_scope_cosine (docs/method.md 'The key scope'); default: the yaml's")
+    ap.add_argument("--no-key-scope", action="store_true", help="key_scope_cosine: null (the gate alone)")
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--offset", type=int, default=0, help="skip this many usable records first")
     ap.add_argument("--batch", type=int, default=10)
@@ -87,11 +91,13 @@ def main(argv=None):
                          ("mom2_n_samples", args.n_samples), ("gate", args.gate),
                          ("alpha_rule", args.alpha_rule), ("alpha_margin", args.alpha_margin),
                          ("alpha_prompts_max", None if args.alpha_prompts_max in (None, "all")
-                          else int(args.alpha_prompts_max))):
+                          else int(args.alpha_prompts_max)), ("key_scope_cosine", args.key_scope_cosine)):
         if value is not None:
             setattr(hp, field, value)
     if args.alpha_prompts_max == "all":
         hp.alpha_prompts_max = None
+    if args.no_key_scope:
+        hp.key_scope_cosine = None
     hp.validate()  # a bad combination fails here, before the model is loaded
     if args.templates is not None:
         hp.context_templates = TEMPLATE_SETS[args.templates]
@@ -127,7 +133,7 @@ def main(argv=None):
             "layers": hp.layers, "lam": hp.mom2_update_weight, "templates": args.templates or "yaml",
             "steps": hp.v_num_grad_steps, "lr": hp.v_lr, "n_samples": hp.mom2_n_samples,
             "stats": hp.mom2_dataset, "gate": hp.gate, "alpha_rule": hp.alpha_rule, "alpha_margin": hp.alpha_margin,
-            "alpha_prompts_max": hp.alpha_prompts_max, "n": len(records), "batch": args.batch,
+            "alpha_prompts_max": hp.alpha_prompts_max, "key_scope_cosine": hp.key_scope_cosine, "n": len(records), "batch": args.batch,
             "pre": pre, "post": post, "checkpoints": at, "seconds_per_edit": edit_s / len(records),
             "stats_seconds": stats_s, "alpha": {str(l): h.alpha for l, h in state.layers.items()},
             "threads": torch.get_num_threads()}

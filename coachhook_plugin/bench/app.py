@@ -193,7 +193,8 @@ def run_bench(cfg) -> Dict:
             if runner.needs_stats:
                 _ensure_statistics(cfg, runner, model, tok)
             runner.start(model, tok)
-            run = MethodRun(runner, evaluator, progress)
+            run = MethodRun(runner, evaluator, progress, checkpoint_sample=cfg.protocol.get("checkpoint_sample"),
+                            seed=int(cfg.seed))
             device = next(runner.model.parameters()).device
             with PeakMemory(device) as mem:
                 final = run.run(protocol, records, batch_size, checkpoints)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -27,6 +28,15 @@ def checkpoint_set(num_edits: int, every: Optional[int], extra: Iterable[int] = 
     return sorted(points)
 
 
+def checkpoint_records(records: Sequence[Dict], sample: Optional[int], seed: int) -> List[Dict]:
+    """The records scored at an intermediate checkpoint: all of them, or a sample of `sample` drawn with `seed`
+    (kept in edit order) — on long runs, scoring every edit so far at every checkpoint costs more than editing."""
+    if not sample or len(records) <= int(sample):
+        return list(records)
+    picked = sorted(random.Random(seed + len(records)).sample(range(len(records)), int(sample)))
+    return [records[i] for i in picked]
+
+
 def weights_fingerprint(model) -> float:
     """A cheap checksum of every parameter (float64 sums), to check that a roll-back really restored."""
     with torch.no_grad():
@@ -36,8 +46,12 @@ def weights_fingerprint(model) -> float:
 class MethodRun:
     """Edits (with per-record fall-back on failure), timings and scores of one method under one protocol."""
 
-    def __init__(self, runner, evaluator: Evaluator, progress: Callable = None):
+    def __init__(self, runner, evaluator: Evaluator, progress: Callable = None,
+                 checkpoint_sample: Optional[int] = None, seed: int = 0):
         self.runner, self.evaluator = runner, evaluator
+        # consecutive: score at most this many of the edits so far at a checkpoint before the last (a seeded
+        # sample, the same for every method); None: all of them. The final entry always scores all N.
+        self.checkpoint_sample, self.seed = checkpoint_sample, int(seed)
         self.progress = progress or (lambda it, **kw: it)
         self.edit_seconds = 0.0
         self.eval_seconds = 0.0
@@ -109,7 +123,9 @@ class MethodRun:
             if pending and done >= pending[0]:  # the first batch boundary at or after the checkpoint
                 while pending and done >= pending[0]:
                     pending.pop(0)
-                self._score(records[:done], done)
+                last = done >= len(records)
+                self._score(records[:done] if last else checkpoint_records(records[:done], self.checkpoint_sample,
+                                                                           self.seed), done)
         return {k: v for k, v in self.curve[-1].items() if k not in ("edits", "scored")}
 
     def _per_batch(self, batches, single_round: bool) -> Dict:
