@@ -234,3 +234,37 @@ def test_bench_runs_every_easyedit_baseline_beside_coachhook(tmp_path):
         m = res["methods"][name]
         assert "error" not in m, (name, m.get("error"))
         assert not m["failed_edits"], (name, m["failed_edits"])
+
+
+def test_checkpoint_sample_scores_a_seeded_subset_before_the_last_checkpoint_and_all_at_it():
+    from coachhook_plugin.bench.protocols import MethodRun, checkpoint_records, checkpoint_set
+
+    records = [{"index": i} for i in range(30)]
+    picked = checkpoint_records(records[:20], 5, seed=0)
+    assert len(picked) == 5 and picked == sorted(picked, key=lambda r: r["index"])
+    assert picked == checkpoint_records(records[:20], 5, seed=0)  # the same for every method of a run
+    assert checkpoint_records(records[:4], 5, seed=0) == records[:4]
+    assert checkpoint_records(records[:20], None, seed=0) == records[:20]
+
+    class Runner:  # edits nothing; the evaluator records what it is asked to score
+        key, batchable = "fake", True
+
+        def edit(self, recs, single_round):
+            return []
+
+    class Evaluator:
+        def __init__(self):
+            self.asked = []
+
+        def score(self, model, tok, recs, **kw):
+            self.asked.append([r["index"] for r in recs])
+            return [{"reliability": 1.0, "generality": 1.0, "locality": 1.0} for _ in recs]
+
+    Runner.model = Runner.tok = Runner.hparams = None
+    Runner.editor = type("E", (), {"model_name": "m"})
+    ev = Evaluator()
+    run = MethodRun(Runner(), ev, checkpoint_sample=4, seed=3)
+    run.run("consecutive", records, 5, checkpoint_set(30, 10))
+    assert [len(a) for a in ev.asked] == [4, 4, 30]
+    assert all(set(a) <= set(range(n)) for a, n in zip(ev.asked, (10, 20)))
+    assert [p["scored"] for p in run.curve] == [4, 4, 30] and [p["edits"] for p in run.curve] == [10, 20, 30]
