@@ -4,6 +4,7 @@ Tiny random models prove the mechanics elsewhere; these tests say a feature work
 statistics (24 WikiText-2 paragraphs, `coachhook stats`) serve the whole module; the shipped hparams are used as
 they are, except for that statistics budget (the shipped 1,000 paragraphs take minutes on 2 cores).
 """
+import contextlib
 import importlib.util
 import inspect
 import json
@@ -250,3 +251,45 @@ def test_easyedit_style_runner_takes_editing_method(workdir, tmp_path):
     assert len(json.loads((tmp_path / "CoachHooK_results.json").read_text())) == 3
     rolled_back = run("CoachHooK", hp, data, ds_size=1, sequential_edit=False)
     assert rolled_back["after_all_edits"]["rewrite_acc"] == rolled_back["pre"]["rewrite_acc"]
+
+
+def test_key_scope_on_smollm2_keeps_the_edits_and_narrows_the_neighbourhood(smollm2, workdir):
+    """20 CounterFact-train edits with the key scope (the shipped setting): the edits take, and on the records'
+    neighbourhood prompts (another subject, the same relation) the hooks swap a strict subset of the tokens the gate
+    alone swaps, and the locality answers move less."""
+    from coachhook_plugin import CoachHooKHyperParams, apply_coachhook_to_model, get_state, remove_coachhook
+    from coachhook_plugin.bench.data import load_records
+    from coachhook_plugin.evaluate import answer_predictions, evaluate_records, locality_reference
+
+    model, tok = smollm2
+    hp = CoachHooKHyperParams.from_hparams(workdir / "hparams" / "CoachHooK" / "smollm2-135m.yaml")
+    hp.key_scope_cosine = hp.key_scope_cosine or 0.5
+    records = load_records(shared_path("data", "counterfact", "counterfact-train.json"), 20)[0]
+    ref = locality_reference(model, tok, records)
+    neighbours = [r["locality_prompt"] for r in records]
+    try:
+        for s in (0, 10):
+            apply_coachhook_to_model(model, tok, [dict(prompt=r["prompt"], subject=r["subject"],
+                                                       target_new=r["target_new"]) for r in records[s:s + 10]], hp)
+        state = get_state(model)
+        scores = evaluate_records(model, tok, records, ref)
+        assert scores["reliability"] >= 0.9
+        swaps, locality = {}, {}
+        for cos in (hp.key_scope_cosine, None):
+            for h in state.layers.values():
+                h.key_scope_cosine = cos
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                rec = {l: stack.enter_context(h.recording_decisions()) for l, h in state.layers.items()}
+                for p in neighbours:
+                    model(**tok(p, return_tensors="pt"))
+                swaps[cos] = {l: [d["swap"].reshape(-1) for d in r] for l, r in rec.items()}
+            now = answer_predictions(model, tok, neighbours, [r["locality_ground_truth"] for r in records])
+            locality[cos] = sum(float((a == b).float().mean()) for a, b in zip(ref, now)) / len(records)
+        scoped = sum(int(s.sum()) for v in swaps[hp.key_scope_cosine].values() for s in v)
+        alone = sum(int(s.sum()) for v in swaps[None].values() for s in v)
+        assert all(not (a & ~b).any() for l in state.layers
+                   for a, b in zip(swaps[hp.key_scope_cosine][l], swaps[None][l]))
+        assert scoped < alone / 2, (scoped, alone)
+        assert locality[hp.key_scope_cosine] >= locality[None]
+    finally:
+        remove_coachhook(model)
