@@ -74,6 +74,18 @@ def _edit(args) -> int:
     return 0
 
 
+def _train_arguments(p):
+    from .train import add_arguments
+
+    add_arguments(p)
+
+
+def _train(args) -> int:
+    from .train import main as train_main
+
+    return train_main(args)
+
+
 def _bench(overrides) -> int:
     from .bench import main as bench_main
 
@@ -114,6 +126,10 @@ def main(argv=None) -> int:
     ed.add_argument("--out", required=True, help="run folder: state.safetensors + progress.json")
     ed.add_argument("--resume", action="store_true", help="continue the run in --out after its last checkpoint")
     ed.set_defaults(func=_edit)
+    tr = sub.add_parser("train", help="train MEND or SERAC with EasyEdit's own trainer, offline, into the cache folder "
+                                      "(reused when present)")
+    _train_arguments(tr)
+    tr.set_defaults(func=_train)
     sub.add_parser("bench", add_help=False,
                    help="CoachHooK side by side with EasyEdit's baselines (a Hydra app: `coachhook bench "
                         "data=PATH methods=[CoachHooK,MEMIT] num_edits=200 protocol=consecutive out=DIR`, "

@@ -8,8 +8,10 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from .archives import prepare_editing_hparams
 from .evaluation import unwrap_public_evaluation, wrap_public_evaluation
 from .imports import easyeditor_available, easyeditor_module
+from .learned_editors import LEARNED_EDITORS, family_name, reset_executor
 from .logs import make_logs_replacement
 from .patches import editing_context, ensure_hparams_defaults
 
@@ -84,6 +86,9 @@ def _patched_editor_init(orig_init, editor_module):
         if hparams is None:
             return orig_init(self, hparams, *args, **kwargs)
         ensure_hparams_defaults(hparams)
+        learned = getattr(hparams, "alg_name", None) in LEARNED_EDITORS
+        if learned:  # the archive exists (else one sentence naming `coachhook train`), local model names
+            prepare_editing_hparams(hparams)
         name = hparams.model_name
         loaded_here = False
         if isinstance(name, str) and _should_use_own_loader(name):
@@ -94,6 +99,10 @@ def _patched_editor_init(orig_init, editor_module):
             display = model_display_name(model)
         else:
             model = tok = None
+        if learned and model is not None:
+            # EasyEdit's MEND/SERAC pick the architecture by substrings of model_name / model.name_or_path
+            display = family_name(display, getattr(model.config, "model_type", None))
+            model.name_or_path = display
         real_make_logs = getattr(editor_module, "make_logs", None)
         if real_make_logs is not None:
             editor_module.make_logs = make_logs_replacement(editor_module)
@@ -108,6 +117,8 @@ def _patched_editor_init(orig_init, editor_module):
                     # evaluation calls model_name.lower(); LoRA calls hparams.model_name.lower()
                     hparams.model_name = display
                 self.model_name = display
+                if learned:  # EasyEdit's executor is a process-wide singleton holding the previous editor's model
+                    reset_executor(getattr(self, "apply_algo", None))
                 if loaded_here:
                     apply_padding_side(self.tok, hparams.alg_name, self.model)
                 else:

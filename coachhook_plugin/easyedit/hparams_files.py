@@ -42,12 +42,15 @@ def _derived_fields(config: Dict[str, Any]) -> Dict[str, Any]:
 
 def easyedit_hparams_class(alg_name: str) -> Optional[type]:
     """The installed EasyEdit's hparams class for ``alg_name`` (``GRACEHyperParams`` in PyPI-era code is
-    ``GraceHyperParams`` in newer EasyEdit: matched without regard to case or '-'), or None."""
+    ``GraceHyperParams`` in newer EasyEdit: matched without regard to case or '-'; SERAC's is ``SERACHparams``),
+    or None."""
     ee = import_easyeditor()
-    want = f"{alg_name}HyperParams".replace("-", "").lower()
-    for name in dir(ee):
-        if name.lower() == want and isinstance(getattr(ee, name, None), type):
-            return getattr(ee, name)
+    # SERAC's class is SERACHparams in both EasyEdits (every other method's: <ALG>HyperParams)
+    for suffix in ("HyperParams", "Hparams"):
+        want = f"{alg_name}{suffix}".replace("-", "").lower()
+        for name in dir(ee):
+            if name.lower() == want and isinstance(getattr(ee, name, None), type):
+                return getattr(ee, name)
     return None
 
 

@@ -13,6 +13,7 @@ import torch
 
 from .devices import cpu_fallback
 from .imports import easyeditor_module
+from .learned_editors import learned_editor_compat
 from .logs import results_file_compat
 
 
@@ -235,7 +236,8 @@ _ctx_state = threading.local()
 
 @contextlib.contextmanager
 def editing_context(force_cpu: bool = False) -> Iterator[None]:
-    """All scoped fixes at once: :func:`cpu_fallback`, :func:`block_output_compat`, :func:`lora_compat`.
+    """All scoped fixes at once: :func:`cpu_fallback`, :func:`block_output_compat`, :func:`lora_compat`,
+    :func:`.learned_editors.learned_editor_compat` (MEND/SERAC archives).
 
     Re-entrant (nested calls, e.g. ``edit`` -> ``edit_requests``, enter it once).
     """
@@ -253,6 +255,7 @@ def editing_context(force_cpu: bool = False) -> Iterator[None]:
             stack.enter_context(block_output_compat())
             stack.enter_context(lora_compat())
             stack.enter_context(results_file_compat())
+            stack.enter_context(learned_editor_compat())
             yield
     finally:
         _ctx_state.depth = 0
