@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -18,7 +19,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
-from ..easyedit import edit_kwargs, editor, hparams_files, patches, results
+from ..easyedit import archives, edit_kwargs, editor, hparams_files, patches, results, serac_memory
+from ..easyedit.learned_editors import LEARNED_EDITORS
 from .data import easyedit_request
 
 LOG = logging.getLogger(__name__)
@@ -147,6 +149,12 @@ class MethodRunner:
         self.hparams_path = hparams_path
         self.hparams = load_hparams(self.alg_name, hparams_path, dict(settings.overrides or {}))
         self.hparams.model_name = model_name
+        if self.alg_name in LEARNED_EDITORS:  # MEND/SERAC: method_settings.<name>.archive, else the hparams' own
+            archive = settings.get("archive") if hasattr(settings, "get") else getattr(settings, "archive", None)
+            if archive:
+                self.hparams.archive = os.path.expanduser(str(archive))
+            # before the editor is built: a missing archive is one sentence naming the `coachhook train` command
+            self.hparams.archive = archives.check_archive(self.alg_name, getattr(self.hparams, "archive", None))
         if device is not None:
             self.hparams.device = device
         if stats_dir is not None and hasattr(self.hparams, "stats_dir"):
@@ -176,7 +184,9 @@ class MethodRunner:
 
     @property
     def model(self):
-        return self.editor.model
+        """The model to score: the edited model (a SERAC-edited one seen through its memory, classifier and
+        counterfactual model: :class:`~coachhook_plugin.easyedit.serac_memory.SeracView`)."""
+        return serac_memory.evaluation_view(self.editor.model)
 
     @property
     def tok(self):
@@ -196,10 +206,16 @@ class MethodRunner:
             raise ValueError(f"{self.alg_name} writes only the first request of a list (EasyEdit cannot batch "
                              f"it); edit its records one at a time")
         requests = [easyedit_request(r) for r in records]
+        before = self.editor.model
+        if self.alg_name == "SERAC":  # EasyEdit's executor forgets earlier calls' edits: start from the memory so far
+            serac_memory.set_executor_memory(self.editor.apply_algo, before)
         with patches.editing_context(), self._templates_scope():
             edited, weights_copy = self.editor.apply_algo(
                 self.editor.model, self.editor.tok, requests, self.editor.hparams, copy=False,
                 return_orig_weights=single_round, keep_original_weight=single_round)
+        if self.alg_name == "SERAC":  # a new SERAC holding every edit so far; no weight changed
+            self.editor.model = edited
+            return [serac_memory.MemoryRollback(before)]
         edited = results.unwrap_edited_model(self.editor.model, edited)  # GitHub's GRACE returns its wrapper
         if is_peft_model(edited) and not single_round:
             # consecutive LoRA: merge each batch's adapter into the weights, so the next batch adapts the
@@ -209,6 +225,10 @@ class MethodRunner:
         return [weights_copy]
 
     def roll_back(self, weights_copy) -> None:
+        if isinstance(weights_copy, serac_memory.MemoryRollback):  # the model and memory from before that edit
+            self.editor.model = weights_copy.model
+            serac_memory.set_executor_memory(self.editor.apply_algo, weights_copy.model)
+            return
         if is_peft_model(self.editor.model):
             self.editor.model = self.editor.model.unload()  # the LoRA layers out, the base weights as they were
             return

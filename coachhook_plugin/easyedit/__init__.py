@@ -1,6 +1,7 @@
 """EasyEdit integration: method registration (:mod:`.registry`) and the EasyEdit fixes, one module per concern
 (:mod:`.imports`, :mod:`.devices`, :mod:`.patches`, :mod:`.logs`, :mod:`.editor`, :mod:`.evaluation`,
-:mod:`.edit_kwargs`, :mod:`.results`, :mod:`.hparams_files`, :mod:`.learned_editors` and :mod:`.archives` (MEND/SERAC);
+:mod:`.edit_kwargs`, :mod:`.results`, :mod:`.hparams_files`, :mod:`.learned_editors`, :mod:`.archives` and
+:mod:`.serac_memory` (MEND/SERAC);
 :mod:`.compat` re-exports their public names; :mod:`.training` runs EasyEdit's trainer).
 
 Typical use::
