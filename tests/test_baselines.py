@@ -215,3 +215,21 @@ def test_shipped_hparams_load(path, ee):
     # the edited layers survive, whatever the class calls them (GitHub's GRACE: inner_params)
     edited = hp.layers if hasattr(hp, "layers") else hp.inner_params
     assert edited == [] == config["layers"] or edited and all(str(l) in str(edited) for l in config["layers"])
+
+
+@pytest.mark.parametrize("alg", ["AlphaEdit", "GRACE", "FT-M"])
+def test_shipped_smollm2_yaml_loads_numbers_as_numbers_in_the_bench(alg, ee):
+    """YAML reads 1e-3 as a string; the bench's loader must turn it into a float, as EasyEdit's loader does (the
+    SmolLM2 AlphaEdit file has v_weight_decay: 1e-3, and a string there fails every edit)."""
+    import dataclasses
+    from pathlib import Path
+
+    from coachhook_plugin.bench.methods import load_hparams, register_bench_methods
+
+    register_bench_methods()
+    repo = Path(__file__).resolve().parents[1]
+    hp = load_hparams(alg, repo / "hparams" / alg / "smollm2-135m.yaml", {})
+    for f in dataclasses.fields(hp):
+        value = getattr(hp, f.name)
+        if f.type in (float, "float"):
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (f.name, value)

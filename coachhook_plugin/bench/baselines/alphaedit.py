@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ._common import clone_parameters, load_hparams, put_back
+from ._common import from_dict, clone_parameters, load_hparams, put_back
 
 ALG_NAME = "AlphaEdit"
 STATE_ATTR = "_alphaedit_state"
@@ -67,6 +67,11 @@ class AlphaEditHyperParams:
     @classmethod
     def from_hparams(cls, path) -> "AlphaEditHyperParams":
         return load_hparams(cls, path, ALG_NAME)
+
+    @classmethod
+    def from_dict(cls, config, source: str = "hparams") -> "AlphaEditHyperParams":
+        """From a yaml's fields (the bench's loader): "1e-3" strings become floats, unknown fields are an error."""
+        return from_dict(cls, config, ALG_NAME, source=source)
 
 
 # ------------------------------------------------------------------------------------------ the maths

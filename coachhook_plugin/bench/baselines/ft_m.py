@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from ._common import (clone_parameters, load_hparams, model_device, module_parameters, put_back,
+from ._common import (clone_parameters, from_dict, load_hparams, model_device, module_parameters, put_back,
                       target_batch, target_nll)
 
 ALG_NAME = "FT-M"
@@ -56,6 +56,11 @@ class FTMHyperParams:
     @classmethod
     def from_hparams(cls, path) -> "FTMHyperParams":
         return load_hparams(cls, path, ALG_NAME)
+
+    @classmethod
+    def from_dict(cls, config, source: str = "hparams") -> "FTMHyperParams":
+        """From a yaml's fields (the bench's loader): "1e-3" strings become floats, unknown fields are an error."""
+        return from_dict(cls, config, ALG_NAME, source=source)
 
 
 def execute_ft_m(model, tok, requests: List[Dict], hparams: FTMHyperParams) -> Dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ._common import load_hparams, model_device, target_batch, target_nll
+from ._common import from_dict, load_hparams, model_device, target_batch, target_nll
 
 ALG_NAME = "GRACE"
 STATE_ATTR = "_grace_codebook"
@@ -60,6 +60,11 @@ class GRACEHyperParams:
     @classmethod
     def from_hparams(cls, path) -> "GRACEHyperParams":
         return load_hparams(cls, path, ALG_NAME)
+
+    @classmethod
+    def from_dict(cls, config, source: str = "hparams") -> "GRACEHyperParams":
+        """From a yaml's fields (the bench's loader): "1e-3" strings become floats, unknown fields are an error."""
+        return from_dict(cls, config, ALG_NAME, source=source)
 
     @property
     def module_name(self) -> str:
