@@ -58,6 +58,7 @@ def tiny_method_hparams(stats_dir) -> dict:
                      rank=8, lora_alpha=32, lora_dropout=0.0, batch_size=2, max_length=40),
         "GRACE": dict(alg_name="GRACE", model_name="tiny", device=0, layers=[2],
                       rewrite_module_tmp=H.GPT2_LAYOUT["rewrite_module_tmp"], eps=1.0, n_iter=40, edit_lr=0.5),
+        "Unedited": dict(alg_name="Unedited", model_name="tiny", device=0),
     }
 
 
@@ -268,3 +269,23 @@ def test_checkpoint_sample_scores_a_seeded_subset_before_the_last_checkpoint_and
     assert [len(a) for a in ev.asked] == [4, 4, 30]
     assert all(set(a) <= set(range(n)) for a, n in zip(ev.asked, (10, 20)))
     assert [p["scored"] for p in run.curve] == [4, 4, 30] and [p["edits"] for p in run.curve] == [10, 20, 30]
+
+
+def test_unedited_row_is_the_base_model_scored_like_the_others(tmp_path):
+    """The Unedited row: locality exactly 1 (the reference is the base model), the same per-record scores at
+    every checkpoint (nothing was written), and the edited method's reliability above it on the same records."""
+    from coachhook_plugin.cli import main
+
+    out = tmp_path / "run"
+    assert main(["bench", *bench_args(tmp_path, ["MEMIT", "Unedited"], out,
+                                      extra=["protocol.checkpoint_every=2"])]) == 0
+    res = json.loads((out / "results.json").read_text())
+    base, memit = res["methods"]["Unedited"], res["methods"]["MEMIT"]
+    assert "error" not in base and not base["failed_edits"]
+    assert base["label"] == "Unedited (base model)"
+    assert base["final"]["locality"] == 1.0
+    assert memit["final"]["reliability"] > base["final"]["reliability"] + 0.3
+    per_record = json.loads((out / "per_record.json").read_text())["Unedited"]
+    then = [r["target_prob"] for r in per_record[0]["records"]]
+    now = [r["target_prob"] for r in per_record[-1]["records"][:2]]
+    assert then == now

@@ -293,3 +293,36 @@ def test_key_scope_on_smollm2_keeps_the_edits_and_narrows_the_neighbourhood(smol
         assert locality[hp.key_scope_cosine] >= locality[None]
     finally:
         remove_coachhook(model)
+
+
+@pytest.mark.parametrize("alg", ["MEND", "SERAC"])
+def test_train_learned_editor_then_bench_row_on_smollm2(workdir, tmp_path, alg):
+    """`coachhook train MEND|SERAC` on SmolLM2 with the shipped training yaml (a couple of steps, a small
+    validation set), a second call reusing the archive, then the archive as a bench row beside the unedited model
+    on the same ZsRE records: the row's scores differ from the base model's, so the archive was loaded and edited.
+    Mechanics only: an editor trained for two steps is untrained, so no quality is asserted."""
+    from coachhook_plugin import cli
+
+    archive = tmp_path / f"{alg}.pt"
+    train = ["train", alg, "--hparams", str(REPO / "hparams" / "TRAINING" / alg / "smollm2-135m.yaml"),
+             "--data", "zsre", "--max-steps", "2" if alg == "MEND" else "1", "--val-size", "2", "--train-size", "20",
+             "--out", str(archive), "--no-progress"]
+    assert cli.main(train) == 0
+    sidecar = json.loads(Path(f"{archive}.json").read_text())
+    assert sidecar["train_records"] == 20 and sidecar["val_records"] == 2
+    mtime = archive.stat().st_mtime_ns
+    assert cli.main(train) == 0 and archive.stat().st_mtime_ns == mtime  # reused, not retrained
+
+    out = tmp_path / "bench"
+    args = [f"data={shared_path('data', 'zsre', 'zsre_mend_eval-1200.json')}", f"methods=[{alg},Unedited]",
+            "num_edits=2", "batch_size=2", "protocol=single_round", "model=smollm2-135m", f"out={out}",
+            f"method_settings.{alg}.archive={archive}", "progress=false", "eval.max_new_tokens=4"]
+    assert cli.main(["bench", *args]) == 0
+    res = json.loads((out / "results.json").read_text())
+    for name in (alg, "Unedited"):
+        assert "error" not in res["methods"][name] and not res["methods"][name]["failed_edits"], res["methods"][name]
+    assert res["methods"][alg]["hparams_values"]["archive"] == str(archive)
+    per_record = json.loads((out / "per_record.json").read_text())
+    edited = [r["target_prob"] for r in per_record[alg][0]["records"]]
+    base = [r["target_prob"] for r in per_record["Unedited"][0]["records"]]
+    assert len(edited) == len(base) == 2 and edited != base

@@ -3,7 +3,8 @@
 * ``FT-M``            — :mod:`.ft_m`: fine-tuning with the loss on the target tokens only;
 * ``GRACE``           — :mod:`.grace`: key → value codebook with deferral radii (Hartvigsen et al., 2023);
 * ``AlphaEdit``       — :mod:`.alphaedit`: MEMIT projected onto the preserved keys' null space (Fang et al., 2025);
-* ``CoachHooK-noHK``  — :mod:`.coachhook_no_hooks`: the paper's ablation, CoachHooK's update in the weights.
+* ``CoachHooK-noHK``  — :mod:`.coachhook_no_hooks`: the paper's ablation, CoachHooK's update in the weights;
+* ``Unedited``        — :mod:`.unedited`: the base model, scored like every method (the row editors start from).
 
 :func:`register_baselines` puts them in EasyEdit's tables through the registry's ``register_method``;
 EasyEdit's own GRACE / AlphaEdit win where they exist (``prefer_easyedit=True``). They are the benchmark's:
@@ -19,7 +20,7 @@ LOG = logging.getLogger(__name__)
 
 
 def _specs():
-    from . import alphaedit, coachhook_no_hooks, ft_m, grace
+    from . import alphaedit, coachhook_no_hooks, ft_m, grace, unedited
 
     # name: (apply_fn, hparams class factory, batchable, callable restore, padding side)
     return {
@@ -29,6 +30,7 @@ def _specs():
                              True, True, "right"),
         coachhook_no_hooks.ALG_NAME: (coachhook_no_hooks.apply_coachhook_no_hooks_to_model,
                                       coachhook_no_hooks.CoachHooKNoHooksHyperParams, True, True, "right"),
+        unedited.ALG_NAME: (unedited.apply_unedited_to_model, lambda: unedited.UneditedHyperParams, True, True, None),
     }
 
 
