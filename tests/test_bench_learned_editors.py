@@ -183,3 +183,40 @@ def test_mend_edits_weights_in_place_and_roll_back_restores_them(setup):
     first = weights_fingerprint(model)
     runner.edit(records[2:], single_round=False)
     assert runner.model is model and weights_fingerprint(model) not in (base_print, first)
+
+
+def test_serac_view_embeds_the_memory_once_and_scores_exactly_as_serac(setup):
+    """EasyEdit's SERAC embeds its whole memory on every forward; the view remembers the classifier's output while
+    it scores. Same log-probabilities and generations as SERAC itself, the memory embedded once for several
+    prompts, and the shared classifier put back afterwards (later edits use it)."""
+    from coachhook_plugin.easyedit import serac_memory
+    from coachhook_plugin.easyedit.devices import cpu_fallback
+
+    runner, records = _runner(setup, "SERAC"), _records(setup)
+    runner.edit(records, single_round=False)
+    serac = runner.editor.model
+    classifier, calls = serac.classifier, []
+    handle = classifier.register_forward_hook(lambda m, a, kw_out: calls.append(1))
+    try:
+        prompts = [r["prompt"] for r in records]
+        with torch.no_grad(), cpu_fallback():
+            direct = []
+            for p in prompts:
+                ids = runner.tok(p, return_tensors="pt")["input_ids"]
+                direct.append(serac(input_ids=ids, attention_mask=torch.ones_like(ids)))
+        per_prompt_direct = len(calls) / len(prompts)
+        assert per_prompt_direct == 2  # EasyEdit: the memory and the prompt, every time
+        calls.clear()
+        view = runner.model
+        for p, want in zip(prompts, direct):
+            ids = runner.tok(p, return_tensors="pt")["input_ids"]
+            got = view(input_ids=ids).logits
+            assert torch.equal(got[0], getattr(want, "logits", want)[0].to(got.dtype))
+        assert len(calls) == len(prompts) + 1  # the memory once, then each prompt
+        assert serac.classifier is classifier
+        ids = runner.tok(prompts[0], return_tensors="pt")["input_ids"]
+        fresh = serac_memory.SeracView(serac)
+        kw = dict(do_sample=False, max_new_tokens=3, pad_token_id=runner.tok.eos_token_id)
+        assert torch.equal(view.generate(input_ids=ids, **kw), fresh.generate(input_ids=ids, **kw))
+    finally:
+        handle.remove()

@@ -17,6 +17,8 @@ model answers when the classifier's best similarity is above 0.5), returning the
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, List, Tuple
 
@@ -68,6 +70,7 @@ class SeracView:
 
     def __init__(self, serac):
         self.serac = serac
+        self._classifier_memo = _ClassifierMemo(serac.classifier)
 
     def __getattr__(self, name):
         if name == "serac":
@@ -87,7 +90,7 @@ class SeracView:
     @torch.no_grad()
     def __call__(self, input_ids=None, attention_mask=None, **_ignored):
         out = None
-        with cpu_fallback():
+        with cpu_fallback(), self._classifier_memo.installed(self.serac):
             for i, keep, ids in self._rows(input_ids, attention_mask):
                 logits = self.serac(input_ids=ids, attention_mask=torch.ones_like(ids))
                 logits = getattr(logits, "logits", logits)
@@ -101,7 +104,7 @@ class SeracView:
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         serac, rows = self.serac, []
-        with cpu_fallback():
+        with cpu_fallback(), self._classifier_memo.installed(serac):
             for _, _, ids in self._rows(input_ids, attention_mask):
                 start, model, inputs = ids.shape[1], serac.model, {"input_ids": ids,
                                                                    "attention_mask": torch.ones_like(ids)}
@@ -116,6 +119,44 @@ class SeracView:
         pad = kwargs.get("pad_token_id") or 0
         width = max(len(r) for r in rows)
         return torch.stack([torch.cat([r, r.new_full((width - len(r),), pad)]) for r in rows])
+
+
+class _ClassifierMemo(torch.nn.Module):
+    """SERAC's scope classifier with its last few outputs remembered by input. EasyEdit's SERAC embeds its whole
+    memory again on every forward and every generation (``embedding_logsim_matrix``), so scoring N edits cost N
+    memory embeddings per prompt; while a view scores, the memory is fixed and its embedding is computed once.
+    Exact: the same classifier in eval mode, the same tensors (outputs are only read)."""
+
+    def __init__(self, classifier, size: int = 4):
+        super().__init__()
+        self.classifier, self.size = classifier, int(size)
+        self._outputs: "OrderedDict[tuple, Any]" = OrderedDict()
+
+    @staticmethod
+    def _key(kwargs) -> tuple:
+        return tuple((name, tuple(t.shape), t.cpu().numpy().tobytes()) for name, t in sorted(kwargs.items())
+                     if torch.is_tensor(t))
+
+    def forward(self, *args, **kwargs):
+        if args or self.classifier.training or torch.is_grad_enabled():
+            return self.classifier(*args, **kwargs)
+        key = self._key(kwargs)
+        if key not in self._outputs:
+            self._outputs[key] = self.classifier(**kwargs)
+            while len(self._outputs) > self.size:
+                self._outputs.popitem(last=False)
+        self._outputs.move_to_end(key)
+        return self._outputs[key]
+
+    @contextmanager
+    def installed(self, serac):
+        """``serac.classifier`` is this memo for the duration (later edits share the classifier: put it back)."""
+        original = serac.classifier
+        serac.classifier = self
+        try:
+            yield
+        finally:
+            serac.classifier = original
 
 
 def evaluation_view(model: Any) -> Any:
