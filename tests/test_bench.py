@@ -289,3 +289,6 @@ def test_unedited_row_is_the_base_model_scored_like_the_others(tmp_path):
     then = [r["target_prob"] for r in per_record[0]["records"]]
     now = [r["target_prob"] for r in per_record[-1]["records"][:2]]
     assert then == now
+    md = (out / "results.md").read_text()  # a reference row: never marked best, even where it scores 100 %
+    assert "| Unedited (base model) | " in md and "**100.00**" not in md.split("| Unedited (base model) |")[1].split("\n")[0]
+    assert "reference row" in md

@@ -36,6 +36,9 @@ def write_json(path: Path, results: Dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+REFERENCE_ALG = "Unedited"  # the bench's no-op method (baselines/unedited.py)
+
+
 def _ranks(values: Dict[str, Optional[float]]) -> Dict[str, int]:
     """1 for the best, 2 for the second best (ties share a rank), else 0."""
     distinct = sorted({round(v, 6) for v in values.values() if v is not None}, reverse=True)
@@ -52,7 +55,9 @@ def markdown_table(results: Dict) -> str:
              f"{cfg.get('num_edits')} edits · batch {cfg.get('batch_size')}", "",
              "| Method | " + " | ".join(t for _, t in cols) + " | s / edit | failed edits |",
              "|---|" + "---|" * (len(cols) + 2)]
-    ranks = {key: _ranks({k: m["final"].get(key) for k, m in ok.items()}) for key, _ in cols}
+    # the Unedited row is the reference (locality 100 % by definition), not a contender for best / second
+    ranked = {k: m for k, m in ok.items() if m.get("alg_name") != REFERENCE_ALG}
+    ranks = {key: _ranks({k: m["final"].get(key) for k, m in ranked.items()}) for key, _ in cols}
     for key, m in methods.items():
         label = m.get("label", key)
         if not m.get("final"):
@@ -70,6 +75,8 @@ def markdown_table(results: Dict) -> str:
                   "with the pre-edit model); Average = mean of reliability, generality and locality; "
                   "**best**, <u>second best</u> per column. Generative reliability: greedy decoding with "
                   "the KV cache contains the target."]
+    if len(ranked) < len(ok):
+        lines.append("The unedited base model is a reference row, left out of the best / second marks.")
     if cfg.get("protocol") == "consecutive":
         lines.append("Consecutive: all edits scored after the last batch (curve: at each checkpoint, on the "
                      "state at that checkpoint).")
