@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, ClassVar, Dict, Iterable, List, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 import yaml
@@ -44,6 +44,32 @@ def from_dict(cls: Type[T], config: Dict[str, Any], alg_name: str, source: str =
             except ValueError:
                 pass
     return cls(**config)
+
+
+@dataclasses.dataclass(kw_only=True)
+class BaselineHyperParams:
+    """The fields EasyEdit's editor reads from every hparams object, and loading from a yaml or a dict. A
+    subclass names its method in ``ALG_NAME``; its own fields come first in its constructor, these after."""
+    ALG_NAME: ClassVar[str] = ""
+    alg_name: str = ""
+    model_name: Any = None
+    device: Any = 0
+    batch_size: int = 1
+    max_length: int = 40
+    model_parallel: bool = False
+    fp16: bool = False
+
+    def __post_init__(self):
+        self.alg_name = self.alg_name or self.ALG_NAME
+
+    @classmethod
+    def from_hparams(cls, path):
+        return load_hparams(cls, path, cls.ALG_NAME)
+
+    @classmethod
+    def from_dict(cls, config, source: str = "hparams"):
+        """From a yaml's fields (the bench's loader): "1e-3" strings become floats, unknown fields are an error."""
+        return from_dict(cls, config, cls.ALG_NAME, source=source)
 
 
 def module_parameters(model: torch.nn.Module, module_tmp: str, layers: Iterable[int]) -> Dict[str, torch.nn.Parameter]:

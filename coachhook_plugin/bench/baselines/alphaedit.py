@@ -14,19 +14,20 @@ R: the batch's residual share at this layer (MEMIT's), K: its keys, C_p: Σ K K�
 from __future__ import annotations
 
 from copy import deepcopy
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
-from ._common import from_dict, clone_parameters, load_hparams, put_back
+from ._common import BaselineHyperParams, clone_parameters, put_back
 
 ALG_NAME = "AlphaEdit"
 STATE_ATTR = "_alphaedit_state"
 
 
 @dataclass
-class AlphaEditHyperParams:
+class AlphaEditHyperParams(BaselineHyperParams):
+    ALG_NAME: ClassVar[str] = ALG_NAME
     # MEMIT's fields (EasyEdit's compute_z / compute_ks / get_cov read them)
     layers: List[int]
     rewrite_module_tmp: str
@@ -52,26 +53,12 @@ class AlphaEditHyperParams:
     # AlphaEdit
     nullspace_threshold: float = 2e-2  # eigenvalues of E[kkᵀ] below this span the null space (paper: 2e-2)
     L2: float = 10.0  # ridge term of the projected solve (paper: 10)
-    alg_name: str = ALG_NAME
-    model_name: Any = None
-    device: Any = 0
-    batch_size: int = 10
-    max_length: int = 40
-    model_parallel: bool = False
-    fp16: bool = False
+    batch_size: int = field(default=10, kw_only=True)
 
     def __post_init__(self):
+        super().__post_init__()
         self.layers = sorted(int(l) for l in self.layers)
         self.v_num_grad_steps, self.mom2_n_samples = int(self.v_num_grad_steps), int(self.mom2_n_samples)
-
-    @classmethod
-    def from_hparams(cls, path) -> "AlphaEditHyperParams":
-        return load_hparams(cls, path, ALG_NAME)
-
-    @classmethod
-    def from_dict(cls, config, source: str = "hparams") -> "AlphaEditHyperParams":
-        """From a yaml's fields (the bench's loader): "1e-3" strings become floats, unknown fields are an error."""
-        return from_dict(cls, config, ALG_NAME, source=source)
 
 
 # ------------------------------------------------------------------------------------------ the maths

@@ -8,14 +8,14 @@ L∞ ``norm_constraint`` around the original weights and the early stop at loss 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import functools
 
 import torch
 
-from ._common import (clone_parameters, from_dict, load_hparams, model_device, module_parameters, put_back,
+from ._common import (BaselineHyperParams, clone_parameters, model_device, module_parameters, put_back,
                       target_batch, target_nll)
 
 ALG_NAME = "FT-M"
@@ -23,7 +23,8 @@ STOP_LOSS = 1e-2  # EasyEdit's FT stops once the average loss is below this
 
 
 @dataclass
-class FTMHyperParams:
+class FTMHyperParams(BaselineHyperParams):
+    ALG_NAME: ClassVar[str] = ALG_NAME
     layers: List[int]
     rewrite_module_tmp: str
     num_steps: int = 25
@@ -36,15 +37,9 @@ class FTMHyperParams:
     attn_module_tmp: str = ""
     ln_f_module: str = ""
     lm_head_module: str = ""
-    alg_name: str = ALG_NAME
-    model_name: Any = None
-    device: Any = 0
-    batch_size: int = 1
-    max_length: int = 40
-    model_parallel: bool = False
-    fp16: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.layers:
             raise ValueError("FT-M hparams 'layers' must name at least one layer, e.g. [5]")
         self.num_steps, self.batch_size = int(self.num_steps), max(1, int(self.batch_size))
@@ -52,15 +47,6 @@ class FTMHyperParams:
             self.norm_constraint = None
         elif self.norm_constraint is not None:
             self.norm_constraint = float(self.norm_constraint)
-
-    @classmethod
-    def from_hparams(cls, path) -> "FTMHyperParams":
-        return load_hparams(cls, path, ALG_NAME)
-
-    @classmethod
-    def from_dict(cls, config, source: str = "hparams") -> "FTMHyperParams":
-        """From a yaml's fields (the bench's loader): "1e-3" strings become floats, unknown fields are an error."""
-        return from_dict(cls, config, ALG_NAME, source=source)
 
 
 def execute_ft_m(model, tok, requests: List[Dict], hparams: FTMHyperParams) -> Dict[str, torch.Tensor]:

@@ -18,13 +18,13 @@ The plugin's own implementation, used where the installed EasyEdit has no GRACE.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import functools
 
 import torch
 
-from ._common import from_dict, load_hparams, model_device, target_batch, target_nll
+from ._common import BaselineHyperParams, model_device, target_batch, target_nll
 
 ALG_NAME = "GRACE"
 STATE_ATTR = "_grace_codebook"
@@ -33,22 +33,17 @@ SAME_KEY = 1e-6  # keys closer than this are the same input
 
 
 @dataclass
-class GRACEHyperParams:
+class GRACEHyperParams(BaselineHyperParams):
+    ALG_NAME: ClassVar[str] = ALG_NAME
     layers: List[int]  # one layer: GRACE edits a single module
     rewrite_module_tmp: str
     eps: float = 1.0  # ε_init, the initial deferral radius
     n_iter: int = 100
     edit_lr: float = 1.0
     val_init: str = "warm"  # "warm": the module's own output for the key; "cold": zeros
-    alg_name: str = ALG_NAME
-    model_name: Any = None
-    device: Any = 0
-    batch_size: int = 1
-    max_length: int = 40
-    model_parallel: bool = False
-    fp16: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if len(self.layers) != 1:
             raise ValueError(f"GRACE edits one layer; hparams 'layers' must hold one index, got {self.layers}")
         if not float(self.eps) > 0:
@@ -56,15 +51,6 @@ class GRACEHyperParams:
         if self.val_init not in ("warm", "cold"):
             raise ValueError(f"GRACE hparams 'val_init' must be 'warm' or 'cold', got {self.val_init!r}")
         self.eps, self.n_iter = float(self.eps), int(self.n_iter)
-
-    @classmethod
-    def from_hparams(cls, path) -> "GRACEHyperParams":
-        return load_hparams(cls, path, ALG_NAME)
-
-    @classmethod
-    def from_dict(cls, config, source: str = "hparams") -> "GRACEHyperParams":
-        """From a yaml's fields (the bench's loader): "1e-3" strings become floats, unknown fields are an error."""
-        return from_dict(cls, config, ALG_NAME, source=source)
 
     @property
     def module_name(self) -> str:

@@ -7,32 +7,18 @@ theirs; ``apply`` changes nothing and returns a restore callable that has nothin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Callable, ClassVar, Dict, List, Tuple
 
 import torch
 
-from ._common import from_dict, load_hparams
+from ._common import BaselineHyperParams
 
 ALG_NAME = "Unedited"
 
 
 @dataclass
-class UneditedHyperParams:
-    alg_name: str = ALG_NAME
-    model_name: Any = None
-    device: Any = 0
-    batch_size: int = 1
-    max_length: int = 40
-    model_parallel: bool = False
-    fp16: bool = False
-
-    @classmethod
-    def from_hparams(cls, path) -> "UneditedHyperParams":
-        return load_hparams(cls, path, ALG_NAME)
-
-    @classmethod
-    def from_dict(cls, config, source: str = "hparams") -> "UneditedHyperParams":
-        return from_dict(cls, config, ALG_NAME, source=source)
+class UneditedHyperParams(BaselineHyperParams):
+    ALG_NAME: ClassVar[str] = ALG_NAME
 
 
 def _nothing_to_restore() -> None:
