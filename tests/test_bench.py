@@ -141,6 +141,19 @@ def test_bench_end_to_end_contract_and_checkpoints(tmp_path):
     merged = merge_dirs([tmp_path / "only-MEMIT", tmp_path / "only-CoachHooK"], tmp_path / "merged")
     assert merged["methods"] == {"MEMIT": res["methods"]["MEMIT"], "CoachHooK": res["methods"]["CoachHooK"]}
     assert (tmp_path / "merged" / "results.md").read_text().count("| CoachHooK |") == 1
+    # two runs of one method (say an earlier default and the current one) share a table once one is renamed
+    (tmp_path / "again-CoachHooK").mkdir()
+    (tmp_path / "again-CoachHooK" / "results.json").write_text((tmp_path / "only-CoachHooK" / "results.json").read_text())
+    with pytest.raises(MergeError, match="'CoachHooK' appears in more than one run"):
+        merge_dirs([tmp_path / "only-CoachHooK", tmp_path / "again-CoachHooK"], tmp_path / "merged-clash")
+    both = merge_dirs([tmp_path / "only-CoachHooK", tmp_path / "again-CoachHooK"], tmp_path / "merged-both",
+                      renames=[(str(tmp_path / "again-CoachHooK"), "CoachHooK", "CoachHooK (earlier)")])
+    assert list(both["methods"]) == ["CoachHooK", "CoachHooK (earlier)"]
+    assert both["methods"]["CoachHooK (earlier)"]["final"] == res["methods"]["CoachHooK"]["final"]
+    assert "| CoachHooK (earlier) |" in (tmp_path / "merged-both" / "results.md").read_text()
+    with pytest.raises(MergeError, match="only \\['CoachHooK'\\]"):
+        merge_dirs([tmp_path / "only-CoachHooK"], tmp_path / "merged-bad",
+                   renames=[(str(tmp_path / "only-CoachHooK"), "MEMIT", "x")])
     other = dict(res["config"], num_edits=8)
     (tmp_path / "only-MEMIT" / "results.json").write_text(json.dumps({"config": other, "methods": {}}))
     with pytest.raises(MergeError, match="differs from run 0 in 'num_edits'"):

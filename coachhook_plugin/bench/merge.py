@@ -2,13 +2,16 @@
 pieces) into one results.json / results.md / plots — only when they ran the same experiment.
 
     python -m coachhook_plugin.bench.merge runs/cf-CoachHooK runs/cf-MEMIT ... --out runs/cf-all
+
+Two runs of one method with different hparams (an earlier default beside the current one) share a table once one
+of them is renamed: `--rename runs/cf-CoachHooK-old CoachHooK "CoachHooK (earlier default)"`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 from .report import markdown_table, plot, write_json
 
@@ -40,8 +43,25 @@ def merge_results(runs: Sequence[Dict]) -> Dict:
     return merged
 
 
-def merge_dirs(dirs: Sequence[Path], out: Path) -> Dict:
+def rename_method(run: Dict, old: str, new: str) -> None:
+    """Give one run's method a new name (the table's row label); its scores and hparams stay as measured."""
+    methods = run["methods"]
+    if old not in methods:
+        raise MergeError(f"cannot rename {old!r}: that run has only {sorted(methods)}")
+    if new in methods:
+        raise MergeError(f"cannot rename {old!r} to {new!r}: that run already has a method {new!r}")
+    run["methods"] = {(new if k == old else k): ({**v, "label": new} if k == old else v) for k, v in methods.items()}
+    run["config"] = {**run["config"], "methods": list(run["methods"])}
+
+
+def merge_dirs(dirs: Sequence[Path], out: Path, renames: Sequence[Tuple[str, str, str]] = ()) -> Dict:
+    """renames: (run folder, method, new name); the folder must be one of `dirs`."""
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    keys = [Path(d).resolve() for d in dirs]
+    for folder, old, new in renames:
+        if Path(folder).resolve() not in keys:
+            raise MergeError(f"--rename names {folder!r}, which is not one of the runs being merged")
+        rename_method(runs[keys.index(Path(folder).resolve())], old, new)
     merged = merge_results(runs)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", merged)
@@ -54,9 +74,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="bench output folders (each with results.json)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--rename", nargs=3, action="append", default=[], metavar=("RUN", "METHOD", "NEW_NAME"),
+                    help="rename METHOD of the run folder RUN in the merged table (repeatable)")
     args = ap.parse_args(argv)
     try:
-        merge_dirs([Path(d) for d in args.runs], Path(args.out))
+        merge_dirs([Path(d) for d in args.runs], Path(args.out), [tuple(r) for r in args.rename])
     except MergeError as exc:
         print(f"merge: {exc}")
         return 2
