@@ -51,17 +51,17 @@ def rename_method(run: Dict, old: str, new: str) -> None:
     if new in methods:
         raise MergeError(f"cannot rename {old!r} to {new!r}: that run already has a method {new!r}")
     run["methods"] = {(new if k == old else k): ({**v, "label": new} if k == old else v) for k, v in methods.items()}
-    run["config"] = {**run["config"], "methods": list(run["methods"])}
 
 
 def merge_dirs(dirs: Sequence[Path], out: Path, renames: Sequence[Tuple[str, str, str]] = ()) -> Dict:
     """renames: (run folder, method, new name); the folder must be one of `dirs`."""
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
-    keys = [Path(d).resolve() for d in dirs]
+    folders = [Path(d).resolve() for d in dirs]
     for folder, old, new in renames:
-        if Path(folder).resolve() not in keys:
+        where = Path(folder).resolve()
+        if where not in folders:
             raise MergeError(f"--rename names {folder!r}, which is not one of the runs being merged")
-        rename_method(runs[keys.index(Path(folder).resolve())], old, new)
+        rename_method(runs[folders.index(where)], old, new)
     merged = merge_results(runs)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", merged)
