@@ -4,6 +4,7 @@
     python examples/smollm2_settings_sweep.py --layers 4,5,6,7,8 --templates none --steps 20 --lr 0.5
     python examples/smollm2_settings_sweep.py --n 300 --alpha-rule recomputed --alpha-margin 0.5 --checkpoints 100,200
     python examples/smollm2_settings_sweep.py --n 300 --gate paper --key-scope-cosine 0.5 --checkpoints 100,200
+    python examples/smollm2_settings_sweep.py --n 1000 --rescore-cosines 0.55,0.6,0.65,0.7,0.8
 
 Settings are chosen on the train files only (issue 16): `--dataset counterfact` reads
 ../shared/data/counterfact/counterfact-train.json, `--dataset zsre` ../shared/data/zsre/zsre_mend_train-1k.json.
@@ -13,7 +14,8 @@ one, the script refuses unless --allow-eval-split is given (then it warns on eve
 Each run edits the first N usable records in consecutive batches, then scores all of them on the final state
 (teacher-forced reliability / generality, locality against the pre-edit model, generative reliability with the
 KV cache) and prints one JSON line (also appended to --out); `--checkpoints` also scores the records edited so
-far at those edit counts. Statistics come from the local WikiText-2 text (computed first when missing; the time
+far at those edit counts; `--rescore-cosines` scores the final state again (teacher-forced) with each key-scope
+threshold in place of the hparams' one (the edits stay those made with the hparams' threshold). Statistics come from the local WikiText-2 text (computed first when missing; the time
 is reported separately).
 """
 from __future__ import annotations
@@ -64,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="records file (default: the --dataset train split)")
     ap.add_argument("--allow-eval-split", action="store_true",
                     help="run on an evaluation file anyway (reproducing old numbers; never for choosing settings)")
+    ap.add_argument("--rescore-cosines", default="",
+                    help="comma-separated key-scope cosines at which to score the final state again (teacher-forced "
+                         "only), e.g. 0.6,0.7: the edits themselves were made with the hparams' cosine")
     ap.add_argument("--out", default=None, help="append the JSON line to this file")
     args = ap.parse_args(argv)
     data = Path(args.data) if args.data else SHARED / TRAIN_FILES[args.dataset]
@@ -76,6 +81,7 @@ def main(argv=None):
         print(f"WARNING: {data.name} is an EVALUATION split; this run must not be used to choose settings",
               file=sys.stderr)
     checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if x.strip()})
+    rescore_cosines = [float(x) for x in args.rescore_cosines.split(",") if x.strip()]
 
     import torch
     from coachhook_plugin import CoachHooKHyperParams, apply_coachhook_to_model, get_state
@@ -99,6 +105,8 @@ def main(argv=None):
     if args.no_key_scope:
         hp.key_scope_cosine = None
     hp.validate()  # a bad combination fails here, before the model is loaded
+    if rescore_cosines and hp.key_scope_cosine is None:
+        ap.error("--rescore-cosines needs the key scope on (the edited keys are kept only then)")
     if args.templates is not None:
         hp.context_templates = TEMPLATE_SETS[args.templates]
     model, tok = load_model_and_tokenizer(hp.model_name)
@@ -129,12 +137,19 @@ def main(argv=None):
     edit_s = time.time() - t0 - scoring_s
     post = evaluate_records(model, tok, records, loc_ref, generative=True)
     state = get_state(model)
+    rescored = {}
+    for cosine in rescore_cosines:  # the same edits, a different threshold on the swap (the values were found
+        for h in state.layers.values():  # with the hparams' threshold, so this approximates a run with `cosine`)
+            h.key_scope_cosine = cosine
+        rescored[str(cosine)] = evaluate_records(model, tok, records, loc_ref)
+    for h in state.layers.values():
+        h.key_scope_cosine = hp.key_scope_cosine
     line = {"data": str(data), "eval_split": eval_split, "offset": args.offset,
             "layers": hp.layers, "lam": hp.mom2_update_weight, "templates": args.templates or "yaml",
             "steps": hp.v_num_grad_steps, "lr": hp.v_lr, "n_samples": hp.mom2_n_samples,
             "stats": hp.mom2_dataset, "gate": hp.gate, "alpha_rule": hp.alpha_rule, "alpha_margin": hp.alpha_margin,
             "alpha_prompts_max": hp.alpha_prompts_max, "key_scope_cosine": hp.key_scope_cosine, "n": len(records), "batch": args.batch,
-            "pre": pre, "post": post, "checkpoints": at, "seconds_per_edit": edit_s / len(records),
+            "pre": pre, "post": post, "checkpoints": at, "rescored": rescored, "seconds_per_edit": edit_s / len(records),
             "stats_seconds": stats_s, "alpha": {str(l): h.alpha for l, h in state.layers.items()},
             "threads": torch.get_num_threads()}
     print(json.dumps(line))

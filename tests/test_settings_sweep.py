@@ -67,3 +67,38 @@ def test_a_bad_alpha_option_fails_before_the_model_loads(monkeypatch):
     monkeypatch.setattr("coachhook_plugin.models.load_model_and_tokenizer", no_model)
     with pytest.raises(HyperParamsError, match="only applies with alpha_rule: recomputed"):
         _sweep().main(["--alpha-margin", "0.5", "--data", "/nowhere/counterfact-train.json"])
+
+
+def test_rescoring_at_other_key_scope_cosines(gpt2_tok, tmp_path, monkeypatch):
+    """--rescore-cosines scores the final state again with each threshold: at the hparams' own threshold the
+    teacher-forced scores are the run's own, and a threshold no paraphrase reaches changes generality."""
+    shared_path("data", "counterfact")
+    mod = _sweep()
+    model = build_tiny("gpt2")
+    monkeypatch.setattr("coachhook_plugin.models.load_model_and_tokenizer", lambda name: (model, gpt2_tok))
+    monkeypatch.setattr("coachhook_plugin.stats.read_corpus",
+                        lambda path, max_texts: [f"Short sentence number {i} about the weather." for i in range(8)])
+    hp = dict(alg_name="CoachHooK", model_name="tiny-gpt2", layers=[1, 2], **LAYOUTS["gpt2"], device="cpu",
+              mom2_update_weight=1e-2, v_num_grad_steps=4, v_lr=0.5, context_templates=["{}"],
+              stats_dir=str(tmp_path / "st"), mom2_n_samples=4, mom2_dataset="wikitext-2-raw-test",
+              key_scope_cosine=0.5)
+    (tmp_path / "hp.yaml").write_text(yaml.safe_dump(hp))
+    out = tmp_path / "sweep.jsonl"
+    mod.main(["--hparams", str(tmp_path / "hp.yaml"), "--n", "6", "--batch", "3",
+              "--rescore-cosines", "0.5,-0.99,1.0", "--out", str(out)])
+    line = json.loads(out.read_text().splitlines()[-1])
+    post, rescored = line["post"], line["rescored"]
+    assert set(rescored) == {"0.5", "-0.99", "1.0"} and line["key_scope_cosine"] == 0.5
+    assert rescored["0.5"] == {k: post[k] for k in ("reliability", "generality", "locality")}
+    # cosine 1.0: only a token whose key is an edited key itself may swap, so no paraphrase keeps a swap;
+    # -0.99: the key test passes everything, the gate alone decides
+    assert rescored["1.0"]["generality"] <= rescored["0.5"]["generality"] <= rescored["-0.99"]["generality"]
+    assert rescored["1.0"] != rescored["-0.99"]
+
+
+def test_rescoring_needs_the_key_scope(monkeypatch):
+    monkeypatch.setattr("coachhook_plugin.models.load_model_and_tokenizer",
+                        lambda name: (_ for _ in ()).throw(AssertionError("the model must not be loaded")))
+    with pytest.raises(SystemExit) as exc:
+        _sweep().main(["--no-key-scope", "--rescore-cosines", "0.6", "--data", "/nowhere/counterfact-train.json"])
+    assert exc.value.code == 2
