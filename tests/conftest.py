@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random GPT-2 / GPT-J / Llama models (built from configs, no downloads) and the
 real GPT-2 tokenizer from ../shared (tests that need it skip cleanly when shared/ is absent)."""
+import importlib.util
 import os
 from pathlib import Path
 
@@ -13,6 +14,15 @@ LAYOUTS = {
     "gptj": dict(rewrite_module_tmp="transformer.h.{}.mlp.fc_out", layer_module_tmp="transformer.h.{}"),
     "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}"),
 }
+
+
+def load_example(name: str):
+    """examples/<name>.py as a module (the example scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def shared_path(*parts) -> Path:

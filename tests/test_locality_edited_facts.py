@@ -1,19 +1,9 @@
 """examples/locality_edited_facts.py: which locality prompts ask for a fact that the same run edited."""
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "locality_edited_facts.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("locality_edited_facts", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_example
 
 
 def test_a_probe_of_an_edited_fact_is_found_and_near_misses_are_not():
-    asked = _script().edited_facts_asked
+    asked = load_example("locality_edited_facts").edited_facts_asked
     edited = [dict(index=288, subject="Windows 98", ground_truth="Microsoft"),
               dict(index=7, subject="Windows", ground_truth="Apple"),
               dict(index=9, subject="Athens", ground_truth="Greece")]

@@ -1,22 +1,16 @@
 """examples/smollm2_settings_sweep.py: settings are chosen on the train splits (issue 16). It refuses the
 evaluation files unless told, reads both formats, takes the alpha_rule options; run here on a tiny model."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import LAYOUTS, build_tiny, shared_path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "smollm2_settings_sweep.py"
+from conftest import LAYOUTS, build_tiny, load_example, shared_path
 
 
 def _sweep():
-    spec = importlib.util.spec_from_file_location("smollm2_settings_sweep", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("smollm2_settings_sweep")
 
 
 def test_defaults_are_the_train_splits():
