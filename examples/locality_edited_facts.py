@@ -1,6 +1,6 @@
 """Locality split by whether the neighbourhood prompt asks for a fact that the same run edited.
 
-    python examples/locality_edited_facts.py docs/results/cf-1000/per_record.json
+    python examples/locality_edited_facts.py RUN/per_record.json      # RUN: a `coachhook bench` out= folder
 
 Over many edits CounterFact's neighbourhood prompts (another subject, the same relation) start to name subjects
 that other records of the run edit: record 343 edits "Internet Explorer 5 was developed by -> Sega" and probes
@@ -26,6 +26,10 @@ def edited_facts_asked(record: dict, edited: list) -> list:
     return [e["subject"] for e in edited
             if e["index"] != record["index"] and e.get("ground_truth") == answer
             and re.search(r"(?<!\w)" + re.escape(e["subject"]) + r"(?!\w)", prompt)]
+
+
+def mean_locality(rows) -> float:
+    return 100 * sum(r["locality"] for r, _, _ in rows) / len(rows) if rows else float("nan")
 
 
 def main(argv=None):
@@ -55,12 +59,11 @@ def main(argv=None):
             hit = edited_facts_asked(rec, edited)
             (named if hit else rest).append((r, rec, hit))
 
-        def loc(rows):
-            return 100 * sum(r["locality"] for r, _, _ in rows) / len(rows) if rows else float("nan")
-        print(f"| {method} | {final['edits']} | {loc(named + rest):.2f} | {len(named)} | {loc(named):.1f} | "
-              f"{len(rest)} | {loc(rest):.2f} |")
+        print(f"| {method} | {final['edits']} | {mean_locality(named + rest):.2f} | {len(named)} | "
+              f"{mean_locality(named):.1f} | {len(rest)} | {mean_locality(rest):.2f} |")
         for r, rec, hit in named[:args.show]:
-            print(f"    {rec['index']}: locality {r['locality']:.2f}  {rec['locality_prompt']!r} asks the edited fact of {hit}")
+            print(f"    {rec['index']}: locality {r['locality']:.2f}  {rec['locality_prompt']!r} "
+                  f"asks the edited fact of {hit}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ Each run edits the first N usable records in consecutive batches, then scores al
 (teacher-forced reliability / generality, locality against the pre-edit model, generative reliability with the
 KV cache) and prints one JSON line (also appended to --out); `--checkpoints` also scores the records edited so
 far at those edit counts; `--rescore-cosines` scores the final state again (teacher-forced) with each key-scope
-threshold in place of the hparams' one (the edits stay those made with the hparams' threshold). Statistics come from the local WikiText-2 text (computed first when missing; the time
-is reported separately).
+threshold in place of the hparams' one (the edits stay those made with the hparams' threshold). Statistics come
+from the local WikiText-2 text (computed first when missing; the time is reported separately).
 """
 from __future__ import annotations
 
@@ -107,6 +107,8 @@ def main(argv=None):
     hp.validate()  # a bad combination fails here, before the model is loaded
     if rescore_cosines and hp.key_scope_cosine is None:
         ap.error("--rescore-cosines needs the key scope on (the edited keys are kept only then)")
+    if any(not -1.0 < c <= 1.0 for c in rescore_cosines):
+        ap.error(f"--rescore-cosines takes cosines in (-1, 1], not {args.rescore_cosines}")
     if args.templates is not None:
         hp.context_templates = TEMPLATE_SETS[args.templates]
     model, tok = load_model_and_tokenizer(hp.model_name)

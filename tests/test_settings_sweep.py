@@ -90,9 +90,10 @@ def test_rescoring_at_other_key_scope_cosines(gpt2_tok, tmp_path, monkeypatch):
     assert rescored["1.0"] != rescored["-0.99"]
 
 
-def test_rescoring_needs_the_key_scope(monkeypatch):
+@pytest.mark.parametrize("args", [["--no-key-scope", "--rescore-cosines", "0.6"], ["--rescore-cosines", "0.6,1.5"]])
+def test_bad_rescoring_fails_before_the_model_loads(args, monkeypatch, capsys):
     monkeypatch.setattr("coachhook_plugin.models.load_model_and_tokenizer",
                         lambda name: (_ for _ in ()).throw(AssertionError("the model must not be loaded")))
     with pytest.raises(SystemExit) as exc:
-        _sweep().main(["--no-key-scope", "--rescore-cosines", "0.6", "--data", "/nowhere/counterfact-train.json"])
-    assert exc.value.code == 2
+        _sweep().main(args + ["--data", "/nowhere/counterfact-train.json"])
+    assert exc.value.code == 2 and "--rescore-cosines" in capsys.readouterr().err
