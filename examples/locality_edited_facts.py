@@ -39,13 +39,12 @@ def main(argv=None):
     ap.add_argument("--show", type=int, default=0, help="print this many records asking an edited fact, per method")
     args = ap.parse_args(argv)
 
-    from coachhook_plugin.bench.data import load_records
+    from coachhook_plugin.bench.data import run_records
 
     per_record = json.loads(Path(args.per_record).read_text())
     results = json.loads(Path(args.results or Path(args.per_record).with_name("results.json")).read_text())
     config = results["config"]
-    records = load_records(config["data"], max(config["record_indices"]) + 1)[0]
-    by_index = {r["index"]: r for r in records}
+    by_index = {r["index"]: r for r in run_records(config)}
     print(f"{config['data']}: {len(config['record_indices'])} records")
     print("| method | edits | locality (all) | records asking an edited fact | their locality | other records | "
           "their locality |")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from coachhook_plugin.bench.data import DataError, load_records
+from coachhook_plugin.bench.data import DataError, load_records, run_records
 from coachhook_plugin.edit_requests import RequestError, load_requests
 from conftest import shared_path
 
@@ -54,3 +54,17 @@ def test_a_record_missing_a_field_is_skipped_by_the_bench_and_named_by_validatio
     path.write_text(json.dumps([{"question": "?"}]))
     with pytest.raises(RequestError, match="expected CounterFact's"):
         load_requests(path)
+
+
+def test_run_records_gives_back_a_runs_records_in_order_and_refuses_another_file(tmp_path):
+    good = {"prompt": "The capital of Zorbia is", "subject": "Zorbia", "target_new": "Paris",
+            "ground_truth": "Rome", "rephrase_prompt": "Zorbia's capital is", "locality_prompt": "The sky is",
+            "locality_ground_truth": "blue"}
+    same = dict(good, target_new="Rome")  # target equals the old answer: skipped by the bench
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([dict(good, case_id=0), dict(same, case_id=1), dict(good, case_id=2,
+                                prompt="The capital city of Zorbia is")]))
+    config = {"data": str(path), "record_indices": [0, 2]}
+    assert [r["case_id"] for r in run_records(config)] == [0, 2]
+    with pytest.raises(DataError, match="not the ones this run edited"):
+        run_records(dict(config, record_indices=[0, 1]))

@@ -84,6 +84,17 @@ def load_records(path, num_edits: int, fmt: str = "auto", sample: str = "first",
     return records, skipped
 
 
+def run_records(config: Dict) -> List[Dict]:
+    """The records a bench run edited, in the order it edited them, from its results.json ``config`` (the data
+    file and the record indices it kept); for the diagnostics that split a finished run's scores."""
+    indices = config["record_indices"]
+    records = load_records(config["data"], len(indices))[0]  # the bench's default sampling: the first usable ones
+    if [r["index"] for r in records] != list(indices):
+        raise DataError(f"the first {len(indices)} usable records of {config['data']} are not the ones this run "
+                        f"edited (a random sample, or another file); point the diagnostic at the run's data file")
+    return records
+
+
 def easyedit_request(rec: Dict) -> Dict:
     """The request dict EasyEdit's ``BaseEditor._prepare_requests`` builds (what ``apply_*`` and
     ``compute_edit_quality`` read)."""
