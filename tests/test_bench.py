@@ -305,3 +305,29 @@ def test_unedited_row_is_the_base_model_scored_like_the_others(tmp_path):
     md = (out / "results.md").read_text()  # a reference row: never marked best, even where it scores 100 %
     assert "| Unedited (base model) | " in md and "**100.00**" not in md.split("| Unedited (base model) |")[1].split("\n")[0]
     assert "reference row" in md
+
+
+def test_scoring_shows_progress_in_chunks_of_whole_batches_and_scores_as_in_one_piece(gpt2_tok, monkeypatch):
+    from coachhook_plugin.bench import evaluation
+    from conftest import build_tiny
+
+    model = build_tiny("gpt2", init_range=0.5)  # large weights: argmax tokens differ from prompt to prompt
+    words = ["Paris", "Rome", "Berlin blue", "Oslo", "Lima town"]
+    records = [{"index": i, "prompt": f"The city number {i} is", "target_new": w,
+                "rephrase_prompt": f"City {i} is called", "locality_prompt": f"The sky over {w} is",
+                "locality_ground_truth": "blue sky"} for i, w in enumerate(words)]
+    ev = evaluation.Evaluator(batch_size=2, generative=True, max_new_tokens=2)
+    ev.take_reference(model, gpt2_tok, records)
+    seen = []
+
+    def progress(chunks, **kw):
+        seen.append(([[r["index"] for r in c] for c in chunks], kw["desc"]))
+        return chunks
+
+    monkeypatch.setattr(evaluation, "SCORE_CHUNK_BATCHES", 1)
+    chunked = ev.score(model, gpt2_tok, records, progress=progress, desc="M scoring after 5 edits")
+    assert seen == [([[0, 1], [2, 3], [4]], "M scoring after 5 edits (5 records, 2 per step)")]
+    monkeypatch.setattr(evaluation, "SCORE_CHUNK_BATCHES", 100)
+    whole = ev.score(model, gpt2_tok, records)
+    assert chunked == whole and [r["index"] for r in whole] == [0, 1, 2, 3, 4]
+    assert len({r["target_prob"] for r in whole}) == 5  # five records scored, not one repeated

@@ -11,7 +11,7 @@ Both add generative reliability when asked: greedy decoding with the KV cache co
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .. import evaluate as ev
 from .data import easyedit_request
 
 METRICS = ("reliability", "generality", "locality")
+SCORE_CHUNK_BATCHES = 8  # evaluation batches per step of the scoring progress bar
 
 
 class Evaluator:
@@ -41,15 +42,24 @@ class Evaluator:
         self.reference = {r["index"]: ref for r, ref in zip(records, refs)}
 
     # ------------------------------------------------------------------ the live model
-    def score(self, model, tok, records: Sequence[Dict], hparams=None, model_name: str = "") -> List[Dict]:
+    def score(self, model, tok, records: Sequence[Dict], hparams=None, model_name: str = "",
+              progress: Optional[Callable] = None, desc: str = "scoring") -> List[Dict]:
         """One dict per record: reliability, generality, locality, target_prob (plugin backend) and
-        generative_reliability (when enabled)."""
+        generative_reliability (when enabled). ``progress`` (a tqdm-like wrapper) shows the records scored so far;
+        they are scored in chunks of whole evaluation batches, so every batch is the one it would be without."""
         if not records:
             return []
         missing = [r["index"] for r in records if r["index"] not in self.reference]
         if missing:
             raise RuntimeError(f"no pre-edit locality reference for records {missing[:5]}: call take_reference "
                                f"on the base model first")
+        step = self.batch_size * SCORE_CHUNK_BATCHES
+        chunks = [records[s:s + step] for s in range(0, len(records), step)]
+        if progress is not None:
+            chunks = progress(chunks, desc=f"{desc} ({len(records)} records, {step} per step)", leave=False)
+        return [row for chunk in chunks for row in self._score_chunk(model, tok, chunk, hparams, model_name)]
+
+    def _score_chunk(self, model, tok, records: Sequence[Dict], hparams, model_name: str) -> List[Dict]:
         if self.backend == "plugin":
             rows = self._plugin(model, tok, records)
         else:

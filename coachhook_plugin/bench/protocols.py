@@ -98,7 +98,8 @@ class MethodRun:
     def _score(self, records: List[Dict], edits: int) -> Dict:
         start = time.perf_counter()
         r = self.runner
-        rows = self.evaluator.score(r.model, r.tok, records, hparams=r.hparams, model_name=r.editor.model_name)
+        rows = self.evaluator.score(r.model, r.tok, records, hparams=r.hparams, model_name=r.editor.model_name,
+                                    progress=self.progress, desc=f"{r.key} scoring after {edits} edits")
         self.eval_seconds += time.perf_counter() - start
         summary = summarise(rows)
         self.curve.append({"edits": edits, "scored": len(records), **summary})
