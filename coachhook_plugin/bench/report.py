@@ -95,7 +95,10 @@ def plot(results: Dict, out_dir: Path) -> List[Path]:
     methods = {k: m for k, m in results["methods"].items() if m.get("curve")}
     paths = []
     metrics = [m for m in CURVE_METRICS if any(m in pt for v in methods.values() for pt in v["curve"])]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.2 * max(1, len(metrics)), 3.6), squeeze=False)
+    # the legend goes under the plots, two labels a row: long row labels would cover the curves
+    legend_rows = -(-len(methods) // 2)
+    height = 3.6 + 0.22 * legend_rows
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.2 * max(1, len(metrics)), height), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for key, m in methods.items():
             pts = [(p["edits"], p[metric]) for p in m["curve"] if p.get(metric) is not None]
@@ -105,19 +108,23 @@ def plot(results: Dict, out_dir: Path) -> List[Path]:
         ax.set_xlabel("number of edits")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"{results['config'].get('protocol')} editing, {results['config'].get('model')}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22 * legend_rows / height + 0.01, 1, 1))
     paths.append(out_dir / "metrics_vs_edits.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
     timed = {k: m for k, m in results["methods"].items() if m.get("seconds_per_edit") is not None}
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(timed) + 2), 3.6))
-    ax.bar([m.get("label", k) for k, m in timed.items()], [m["seconds_per_edit"] for m in timed.values()])
-    ax.set_ylabel("seconds per edit")
+    # horizontal bars: the row labels read in full, however long
+    fig, ax = plt.subplots(figsize=(10.0, 1.2 + 0.4 * max(1, len(timed))))
+    ax.barh([m.get("label", k) for k, m in timed.items()], [m["seconds_per_edit"] for m in timed.values()])
+    ax.invert_yaxis()  # the table's order, top to bottom
+    ax.set_xlabel("seconds per edit")
     ax.set_title("editing time per edit")
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     paths.append(out_dir / "time_per_edit.png")
     fig.savefig(paths[-1], dpi=120)
