@@ -12,7 +12,9 @@ method in it, the scores after the last batch) and prints the scores of three pa
 
 * records whose subject no other record of the run edits;
 * of a subject edited more than once with different answers, the last record in the run's order;
-* the earlier records of such a subject, superseded by a later edit.
+* the earlier records of such a subject, superseded by a later edit;
+
+and the last two again by whether the subject's records fall into one batch or several.
 
 A diagnostic: the bench's scores stay the metric of record.
 """
@@ -24,6 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 METRICS = ("reliability", "generality", "locality")
+PARTS = ("single", "latest", "superseded")
 
 
 def conflict_parts(records: list) -> dict:
@@ -67,15 +70,21 @@ def main(argv=None):
     for rec in records:
         if part[rec["index"]] != "single":
             groups[rec["subject"]].add(batch_of[rec["index"]])
-    print(f"{config['data']}: {len(records)} records; {sum(p != 'single' for p in part.values())} in "
-          f"{len(groups)} subjects edited with different answers, {sum(len(b) == 1 for b in groups.values())} "
-          f"of these subjects within one batch of {batch}")
+    # a contradicted subject whose records are all in one batch is solved at once (a compromise); across batches
+    # the later batch is written on top of the earlier one
+    where = {rec["index"]: "one batch" if len(groups[rec["subject"]]) == 1 else "across batches"
+             for rec in records if part[rec["index"]] != "single"}
+    print(f"{config['data']}: {len(records)} records; {len(where)} in {len(groups)} subjects edited with different "
+          f"answers, {sum(len(b) == 1 for b in groups.values())} of these subjects within one batch of {batch}")
     print("| method | part | records | reliability | generality | locality | average |")
     print("|---|---|---|---|---|---|---|")
+    parts = [("all", lambda i: True)] + [(name, lambda i, n=name: part[i] == n) for name in PARTS] + [
+        (f"{name}, {w}", lambda i, n=name, w=w: part[i] == n and where[i] == w)
+        for name in PARTS[1:] for w in ("one batch", "across batches")]
     for method, curve in per_record.items():
         final = curve[-1]["records"]
-        for name in ("all", "single", "latest", "superseded"):
-            rows = [r for r in final if name == "all" or part[r["index"]] == name]
+        for name, keep in parts:
+            rows = [r for r in final if keep(r["index"])]
             print(f"| {method} | {name} | {len(rows)} | " + " | ".join(f"{x:.2f}" for x in mean_scores(rows)) + " |")
 
 

@@ -31,4 +31,6 @@ def test_the_script_splits_each_methods_final_scores(tmp_path, capsys):
     assert "2 in 1 subjects edited with different answers, 0 of these subjects within one batch of 2" in out
     rows = {line.split(" | ")[1]: line.split(" | ")[2:4] for line in out.splitlines() if line.startswith("| M |")}
     assert rows == {"all": ["4", "43.75"], "single": ["2", "37.50"], "latest": ["1", "0.00"],
-                    "superseded": ["1", "100.00"]}
+                    "superseded": ["1", "100.00"], "latest, one batch": ["0", "nan"],
+                    "latest, across batches": ["1", "0.00"], "superseded, one batch": ["0", "nan"],
+                    "superseded, across batches": ["1", "100.00"]}
