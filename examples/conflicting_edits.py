@@ -4,13 +4,14 @@
 
 ZsRE's evaluation file asks for the same fact several times with different new answers: records 11, 14, 15 and 17
 of zsre_mend_eval-1200.json edit who designed Toodyay Fire Station to Woods Bagot, Wong Tung & Sons, Kohn
-Pedersen Fox and Wong Tung & Sons again, each with its own question. In the first 1,000 usable records, 659 share
-their subject with another record, and most such groups fall into one batch of 10. An editor keyed on the subject
+Pedersen Fox and Wong Tung & Sons again, each with its own question. In the first 1,000 usable records, 616 share
+their subject with another record that gives it a different answer, and 126 of those 164 subjects fall into one
+batch of 10. An editor keyed on the subject
 (MEMIT, AlphaEdit, CoachHooK) cannot hold contradicting answers to one fact at once, while a memory of the edit
 texts (SERAC) answers each question from its own record. This script reads a bench run's per_record.json (every
 method in it, the scores after the last batch) and prints the scores of three parts:
 
-* records whose subject no other record of the run edits;
+* records whose subject no other record of the run gives a different answer (repeats of one answer included);
 * of a subject edited more than once with different answers, the last record in the run's order;
 * the earlier records of such a subject, superseded by a later edit;
 
