@@ -73,21 +73,22 @@ def main(argv=None):
             groups[rec["subject"]].add(batch_of[rec["index"]])
     # a contradicted subject whose records are all in one batch is solved at once (a compromise); across batches
     # the later batch is written on top of the earlier one
-    where = {rec["index"]: "one batch" if len(groups[rec["subject"]]) == 1 else "across batches"
-             for rec in records if part[rec["index"]] != "single"}
-    print(f"{config['data']}: {len(records)} records; {len(where)} in {len(groups)} subjects edited with different "
-          f"answers, {sum(len(b) == 1 for b in groups.values())} of these subjects within one batch of {batch}")
+    labels = {}  # record index -> the rows of the table it counts in
+    for rec in records:
+        own = part[rec["index"]]
+        labels[rec["index"]] = {"all", own} if own == "single" else {
+            "all", own, f"{own}, {'one batch' if len(groups[rec['subject']]) == 1 else 'across batches'}"}
+    print(f"{config['data']}: {len(records)} records; {sum(p != 'single' for p in part.values())} in {len(groups)} "
+          f"subjects edited with different answers, {sum(len(b) == 1 for b in groups.values())} of these subjects "
+          f"within one batch of {batch}")
     print("| method | part | records | reliability | generality | locality | average |")
     print("|---|---|---|---|---|---|---|")
-    parts = [("all", lambda i: True)] + [(name, lambda i, n=name: part[i] == n) for name in PARTS] + [
-        (f"{name}, {w}", lambda i, n=name, w=w: part[i] == n and where[i] == w)
-        for name in PARTS[1:] for w in ("one batch", "across batches")]
+    names = ["all", *PARTS] + [f"{name}, {w}" for name in PARTS[1:] for w in ("one batch", "across batches")]
     for method, curve in per_record.items():
         final = curve[-1]["records"]
-        for name, keep in parts:
-            rows = [r for r in final if keep(r["index"])]
+        for name in names:
+            rows = [r for r in final if name in labels[r["index"]]]
             print(f"| {method} | {name} | {len(rows)} | " + " | ".join(f"{x:.2f}" for x in mean_scores(rows)) + " |")
-
 
 if __name__ == "__main__":
     main()
