@@ -24,22 +24,23 @@ def _join(tok, prompt: str, answer: str):
 @torch.no_grad()
 def _teacher_forced(model, tok, pairs, batch_size: int, with_probs: bool = False):
     """One batched forward per chunk: the argmax token at each answer position and, if asked, the probability
-    the model gives each answer token."""
+    the model gives each answer token. Chunks are formed in order of length, so little of a chunk is padding."""
     device = model_device(model)
-    argmax: List[torch.Tensor] = []
-    probs: List[torch.Tensor] = []
-    for s in range(0, len(pairs), batch_size):
-        chunk = pairs[s:s + batch_size]
-        ids, mask = pad_right([p + a[:-1] for p, a in chunk], pad_id_of(tok), device)
+    argmax: List[Optional[torch.Tensor]] = [None] * len(pairs)
+    probs: List[Optional[torch.Tensor]] = [None] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        ids, mask = pad_right([pairs[i][0] + pairs[i][1][:-1] for i in chunk], pad_id_of(tok), device)
         logits = model(input_ids=ids, attention_mask=mask).logits
-        for i, (p, a) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(a), device=device)
-            rows = logits[i, pos]
-            argmax.append(rows.argmax(-1).cpu())
+        for row, i in enumerate(chunk):
+            p, a = pairs[i]
+            scores = logits[row, torch.arange(len(p) - 1, len(p) - 1 + len(a), device=device)]
+            argmax[i] = scores.argmax(-1).cpu()
             if with_probs:
-                probs.append(rows.float().softmax(-1)[torch.arange(len(a), device=device),
-                                                      torch.tensor(a, device=device)].cpu())
-    return argmax, probs
+                probs[i] = scores.float().softmax(-1)[torch.arange(len(a), device=device),
+                                                      torch.tensor(a, device=device)].cpu()
+    return argmax, (probs if with_probs else [])
 
 
 def _predict(model, tok, pairs, batch_size: int) -> List[torch.Tensor]:
@@ -63,17 +64,26 @@ def agreement(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def generation_contains(model, tok, prompts, targets, max_new_tokens: int = 8) -> List[float]:
-    """Greedy decoding with the KV cache, one prompt at a time; 1.0 if the target string appears."""
+def generation_contains(model, tok, prompts, targets, max_new_tokens: int = 8, batch_size: int = 32) -> List[float]:
+    """Greedy decoding with the KV cache; 1.0 if the target string appears in the new text.
+
+    Prompts of the same token length are decoded together (up to `batch_size` at a time), so no prompt is
+    padded: each one is decoded as it would be alone."""
     device = model_device(model)
-    hits = []
-    for p, t in zip(prompts, targets):
-        ids = torch.tensor([tok(p)["input_ids"]], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok))
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        hits.append(1.0 if t.strip() and t.strip() in text else 0.0)
-    return hits
+    encoded = [tok(p)["input_ids"] for p in prompts]
+    by_length: Dict[int, List[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    texts: List[str] = [""] * len(prompts)
+    for group in by_length.values():
+        for s in range(0, len(group), batch_size):
+            chunk = group[s:s + batch_size]
+            ids = torch.tensor([encoded[i] for i in chunk], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id_of(tok))
+            for i, row in zip(chunk, out[:, ids.shape[1]:]):
+                texts[i] = tok.decode(row, skip_special_tokens=True)
+    return [1.0 if t.strip() and t.strip() in text else 0.0 for t, text in zip(targets, texts)]
 
 
 def evaluate_records(model, tok, records: Sequence[Dict], locality_reference: Optional[List[torch.Tensor]] = None,

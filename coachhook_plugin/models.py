@@ -6,6 +6,7 @@ with weights in (out, in) orientation; `weight_out_in` is the one place that kno
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Tuple
 
 import torch
@@ -49,6 +50,29 @@ def num_layers(model: torch.nn.Module) -> int:
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword by which the model's forward takes (and its output returns) the key/value cache: ``cache`` in
+    recent transformers 5 releases, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def model_body(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its output head (for callers that apply the head at a few positions only)."""
+    body = getattr(model, "base_model", None)
+    return model if body is None or body is model else body
+
+
+def plain_head(model: torch.nn.Module):
+    """The output embedding when the logits are its projection of the final hidden states and nothing more
+    (no soft-capping, no scaling), else None.
+
+    Callers that read a few positions project only those onto the vocabulary: the head is 49k × 576 per
+    token on SmolLM2, a fifth of the model's work per token."""
+    head = model.get_output_embeddings()
+    special = any(getattr(model.config, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+    return None if head is None or special or model_body(model) is model else head
 
 
 def model_name_for_stats(model: torch.nn.Module) -> str:

@@ -177,7 +177,8 @@ def test_prompt_sample_is_the_newest_half_and_a_seeded_sample():
 
 def test_capped_pass_is_the_min_over_the_sampled_prompts(gpt2_tok):
     model = build_tiny("gpt2")
-    hp = _hp(alpha_rule="recomputed", alpha_prompts_max=3)
+    # with a margin, the weakest prompt's max z is not exactly at α, where float noise decides whether it fires
+    hp = _hp(alpha_rule="recomputed", alpha_prompts_max=3, alpha_margin=MARGIN)
     for batch in BATCHES:
         apply_coachhook_to_model(model, gpt2_tok, batch, hp, **NOPROG)
     state = get_state(model)
@@ -188,7 +189,7 @@ def test_capped_pass_is_the_min_over_the_sampled_prompts(gpt2_tok):
     for g in GATES:
         hand = _hand_max_z(model, state, [ids[i] for i in picked], g)
         for l, h in state.layers.items():
-            assert h.alphas[g] == pytest.approx(min(hand[l]), rel=1e-4, abs=1e-5)
+            assert h.alphas[g] == pytest.approx(min(hand[l]) - MARGIN, rel=1e-4, abs=1e-5)
 
 
 def test_sequence_max_z_leaves_padding_out_and_alpha_recomputed_ignores_non_finite():

@@ -48,3 +48,30 @@ def test_batch_of_one_equals_the_one_request_loop(gpt2_tok):
         one = compute_values(model, gpt2_tok, [r], hp, block, templates)[:, 0]
         plain = compute_value(model, gpt2_tok, r, hp, block, templates)
         assert torch.allclose(one, plain, rtol=1e-3, atol=1e-4), (one - plain).abs().max()
+
+
+def test_steps_run_the_upper_blocks_from_the_fact_token_on(arch, gpt2_tok):
+    """After the one full pass, each step feeds the blocks above the value layer only the positions from each
+    sequence's fact token to the last one its loss reads (the earlier ones come from the kept keys and values):
+    the rewrite rows in one pass, the KL rows (their fact token only) in another."""
+    from coachhook_plugin.values import _value_batch
+
+    model = build_tiny(arch, init_range=0.3)
+    hp = tiny_hparams(arch, v_num_grad_steps=3, v_loss_stop=0.0, v_lr=0.5)
+    reqs = prepare_requests(FACTS)
+    templates = ["{}", "Hello. {}"]
+    block = hp.layer_module_tmp.format(hp.layers[-1])
+    above = getattr(model, "transformer", None) or model.model
+    top = (above.h if hasattr(above, "h") else above.layers)[-1]
+    widths = []
+    handle = top.register_forward_hook(lambda mod, args, out: widths.append(
+        (out[0] if isinstance(out, tuple) else out).shape[1]))
+    try:
+        compute_values(model, gpt2_tok, reqs, hp, block, templates)
+    finally:
+        handle.remove()
+    batches = [_value_batch(gpt2_tok, r, templates) for r in reqs]
+    full = max(len(s) for seqs, _, _, _ in batches for s in seqs)
+    span = max(len(s) - i for seqs, lookups, _, _ in batches for s, i in zip(seqs[:-1], lookups[:-1]))
+    assert widths == [full] + [span, 1] * 3
+    assert span < full
