@@ -152,10 +152,10 @@ def compute_values(model, tok, requests: Sequence[EditRequest], hparams, layer_n
     seqs = [s for p in per for s in p[0]]
     lookups = [i for p in per for i in p[1]]
     owner = [r for r, p in enumerate(per) for _ in p[0]]  # request of each sequence
+    per_req_seqs = n_rw + 1  # each request's rewrite rows, then its KL row
     # the last position each sequence's loss reads: its last target label (rewrite rows), the fact token (KL row)
-    last = [len(s) - 1 if k < n_rw else lookups[i] for i, s in enumerate(seqs) for k in [i % (n_rw + 1)]]
+    last = [len(s) - 1 if i % per_req_seqs < n_rw else lookups[i] for i, s in enumerate(seqs)]
     ids_all, mask_all = pad_right(seqs, pad_id_of(tok), device)
-    per_req_seqs = n_rw + 1
 
     block = get_module(model, layer_name)
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
@@ -186,8 +186,8 @@ def compute_values(model, tok, requests: Sequence[EditRequest], hparams, layer_n
     first_pos = lookups if lower.past is not None else [0] * len(seqs)
 
     def outputs_at(sel: List[int], rows: List[int], pos: List[int], raw=()) -> torch.Tensor:
-        """`_outputs_at` (sel[rows[i]], pos[i]) (positions in the full sequences), δ added: one pass over the
-        sequences `sel`, each from its first computed position to the last one its loss reads. `raw`:
+        """`_outputs_at` the points (sel[rows[i]], pos[i]) (positions in the full sequences), δ added: one pass
+        over the sequences `sel`, each from its first computed position to the last one its loss reads. `raw`:
         (row, request) pairs whose block-L output at the fact token is the request's h."""
         sel_t = torch.tensor(sel, device=device)
         start = torch.tensor([first_pos[s] for s in sel], device=device)
